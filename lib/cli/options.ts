@@ -1,0 +1,84 @@
+/**
+ * The parsed command line: a frozen object the rest of denbd reads. Field names follow qemu-nbd's
+ * long options. Produced by `parseArgs` in `parse.ts`.
+ *
+ * @module
+ */
+
+export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "unsafe";
+export type AioMode = "threads" | "native" | "io_uring";
+export type DiscardMode = "ignore" | "unmap";
+export type DetectZeroesMode = "off" | "on" | "unmap";
+export type ImageFormat = "raw" | "qcow2";
+
+/** `--image-opts` or the plain FILE argument, resolved. */
+export interface ImageSpec {
+  /** Path of the image file (FILE, or file.filename= / filename= with --image-opts). */
+  readonly filename: string;
+  /** Format from -f or driver=; undefined means probe it as qemu-nbd does. */
+  readonly format: ImageFormat | undefined;
+  /** Byte offset into the file (-o, or offset= for driver=raw). */
+  readonly offset: number;
+  /** Exported size in bytes (size= for driver=raw); undefined means the rest of the file. */
+  readonly size: number | undefined;
+  /** Every --image-opts key=value pair as given (dotted keys kept: "file.filename"). */
+  readonly raw: Readonly<Record<string, string>>;
+}
+
+/** What main.ts is asked to do. */
+export type Command =
+  | { readonly kind: "help"; readonly text: string }
+  | { readonly kind: "version"; readonly text: string }
+  | { readonly kind: "serve"; readonly options: ServerOptions };
+
+export interface ServerOptions {
+  readonly image: ImageSpec;
+  /** -b/--bind (default "0.0.0.0"). */
+  readonly bind: string;
+  /** -p/--port (default 10809). */
+  readonly port: number;
+  /** -k/--socket: unix socket path; when set, no TCP listener. */
+  readonly socket: string | undefined;
+  /** -r/--read-only. */
+  readonly readOnly: boolean;
+  /** -s/--snapshot. */
+  readonly snapshot: boolean;
+  /** -l/--load-snapshot (ID or name, or the snapshot.id=/snapshot.name= form, as given). */
+  readonly loadSnapshot: string | undefined;
+  /** -e/--shared (default 1; 0 = unlimited). */
+  readonly shared: number;
+  /** -t/--persistent. */
+  readonly persistent: boolean;
+  /** -x/--export-name (default ""). */
+  readonly exportName: string;
+  /** -D/--description. */
+  readonly description: string | undefined;
+  /** --cache (default writeback; -n means none). */
+  readonly cache: CacheMode;
+  /** --aio (default threads). */
+  readonly aio: AioMode;
+  /** --discard (default ignore). */
+  readonly discard: DiscardMode;
+  /** --detect-zeroes (default off). */
+  readonly detectZeroes: DetectZeroesMode;
+  /** -A/--allocation-depth. */
+  readonly allocationDepth: boolean;
+  /** -B/--bitmap, repeatable. */
+  readonly bitmaps: readonly string[];
+  /** --fork. */
+  readonly fork: boolean;
+  /** --pid-file. */
+  readonly pidFile: string | undefined;
+  /** -v/--verbose. */
+  readonly verbose: boolean;
+  /** --handshake-limit seconds (default 10; 0 = no limit). */
+  readonly handshakeLimit: number;
+  /** --tls-creds, --tls-authz, --tls-hostname, --object (kept for "not supported yet" errors). */
+  readonly tlsCreds: string | undefined;
+  readonly tlsAuthz: string | undefined;
+  readonly objects: readonly string[];
+  /** -c/--connect DEV, -d/--disconnect, -L/--list: client modes. */
+  readonly connect: string | undefined;
+  readonly disconnect: boolean;
+  readonly list: boolean;
+}

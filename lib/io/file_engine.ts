@@ -1,0 +1,172 @@
+/**
+ * Positional file I/O behind one small interface, so engines (threads through `nonblocking` FFI,
+ * io_uring) are interchangeable. Everything here works on a raw fd opened with FFI `open()`.
+ *
+ * @module
+ */
+
+import {
+  errno,
+  errnoError,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  libc,
+  O_DIRECT,
+  O_RDONLY,
+  O_RDWR,
+  openFile,
+  POSIX_FADV_WILLNEED,
+  SEEK_DATA,
+  SEEK_END,
+  SEEK_HOLE,
+} from "../../ffi/libc.ts";
+import { BlockError, Errno } from "../block/types.ts";
+
+/** How an image file is opened. */
+export interface OpenOptions {
+  readonly writable: boolean;
+  /** O_DIRECT (qemu's cache.direct=on: --cache=none|directsync). */
+  readonly direct?: boolean;
+}
+
+/** Positional I/O on one open file. */
+export interface FileEngine {
+  readonly path: string;
+  readonly fd: number;
+  /** Read up to `buf.length` bytes at `offset`; returns the count (short only at end of file). */
+  pread(buf: Uint8Array, offset: number): Promise<number>;
+  /** Write all of `buf` at `offset`. */
+  pwrite(buf: Uint8Array, offset: number): Promise<void>;
+  /** fdatasync(2). */
+  sync(): Promise<void>;
+  /** Current file length in bytes. */
+  length(): number;
+  /** Set the file length (ftruncate). */
+  truncate(length: number): void;
+  /** Deallocate a range; reads of it return zeroes. Throws ENOTSUP where the filesystem cannot. */
+  punchHole(offset: number, length: number): Promise<void>;
+  /** Zero a range and keep it allocated. Throws ENOTSUP where the filesystem cannot. */
+  zeroRange(offset: number, length: number): Promise<void>;
+  /** Offset of the next data at or after `offset`, or -1 when only a hole follows (ENXIO). */
+  seekData(offset: number): number;
+  /** Offset of the next hole at or after `offset` (end of file at the latest). */
+  seekHole(offset: number): number;
+  /** Prefetch hint (posix_fadvise WILLNEED). */
+  prefetch(offset: number, length: number): void;
+  close(): void;
+}
+
+/**
+ * The thread engine: pread/pwrite as `nonblocking` FFI calls on Deno's blocking pool (up to 32
+ * at once). errno is not readable after such a call, so a failed call is repeated synchronously
+ * to learn why (deno-notes §2); that path is taken only on errors.
+ */
+export class ThreadFileEngine implements FileEngine {
+  readonly path: string;
+  readonly fd: number;
+  #closed = false;
+
+  constructor(path: string, options: OpenOptions) {
+    this.path = path;
+    const flags = (options.writable ? O_RDWR : O_RDONLY) | (options.direct ? O_DIRECT : 0);
+    this.fd = openFile(path, flags);
+  }
+
+  async pread(buf: Uint8Array, offset: number): Promise<number> {
+    let done = 0;
+    while (done < buf.length) {
+      const part = done === 0 ? buf : buf.subarray(done);
+      const n = Number(await libc().pread_nb(this.fd, part, part.length, offset + done));
+      if (n < 0) this.#fail("pread", offset + done, part.length, () => libc().pread(this.fd, part, part.length, offset + done));
+      if (n === 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const part = done === 0 ? buf : buf.subarray(done);
+      const n = Number(await libc().pwrite_nb(this.fd, part, part.length, offset + done));
+      if (n < 0) this.#fail("pwrite", offset + done, part.length, () => libc().pwrite(this.fd, part, part.length, offset + done));
+      done += n;
+    }
+  }
+
+  async sync(): Promise<void> {
+    if (await libc().fdatasync_nb(this.fd) < 0) {
+      if (libc().fdatasync(this.fd) < 0) throw errnoError(`fdatasync '${this.path}'`);
+    }
+  }
+
+  length(): number {
+    const n = Number(libc().lseek(this.fd, 0, SEEK_END));
+    if (n < 0) throw errnoError(`lseek '${this.path}'`);
+    return n;
+  }
+
+  truncate(length: number): void {
+    if (libc().ftruncate(this.fd, length) < 0) throw errnoError(`ftruncate '${this.path}'`);
+  }
+
+  punchHole(offset: number, length: number): Promise<void> {
+    return this.#fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+  }
+
+  zeroRange(offset: number, length: number): Promise<void> {
+    return this.#fallocate(FALLOC_FL_ZERO_RANGE, offset, length);
+  }
+
+  seekData(offset: number): number {
+    const r = Number(libc().lseek(this.fd, offset, SEEK_DATA));
+    if (r >= 0) return r;
+    const err = errno();
+    if (err === Errno.ENXIO) return -1;
+    throw errnoError(`lseek SEEK_DATA '${this.path}' at ${offset}`, err);
+  }
+
+  seekHole(offset: number): number {
+    const r = Number(libc().lseek(this.fd, offset, SEEK_HOLE));
+    if (r >= 0) return r;
+    const err = errno();
+    if (err === Errno.ENXIO) return offset;
+    throw errnoError(`lseek SEEK_HOLE '${this.path}' at ${offset}`, err);
+  }
+
+  prefetch(offset: number, length: number): void {
+    libc().posix_fadvise(this.fd, offset, length, POSIX_FADV_WILLNEED);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    libc().close(this.fd);
+  }
+
+  async #fallocate(mode: number, offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    if (await libc().fallocate_nb(this.fd, mode, offset, length) === 0) return;
+    if (libc().fallocate(this.fd, mode, offset, length) === 0) return;
+    const err = errno();
+    // EOPNOTSUPP (95) is what filesystems without the mode answer; ENOSYS likewise.
+    if (err === Errno.ENOTSUP || err === 38) {
+      throw new BlockError(Errno.ENOTSUP, `fallocate mode ${mode} not supported on '${this.path}'`);
+    }
+    throw errnoError(`fallocate '${this.path}' at ${offset}+${length}`, err);
+  }
+
+  #fail(what: string, offset: number, length: number, retry: () => number | bigint): never {
+    // Repeat synchronously so errno is from this thread; a retry that succeeds is still a
+    // failure of the original call, reported as EIO.
+    const r = Number(retry());
+    const err = r < 0 ? errno() : Errno.EIO;
+    throw errnoError(`${what} '${this.path}' at ${offset}+${length}`, err);
+  }
+}
+
+/** Open an image file with the default engine. */
+export function openFileEngine(path: string, options: OpenOptions): FileEngine {
+  return new ThreadFileEngine(path, options);
+}
