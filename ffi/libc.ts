@@ -20,7 +20,12 @@ const SYMBOLS = {
   // ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   // The same two on Deno's blocking pool: the event loop keeps serving while the kernel copies.
-  pread_nb: { name: "pread", parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  pread_nb: {
+    name: "pread",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
   pwrite_nb: {
     name: "pwrite",
     parameters: ["i32", "buffer", "usize", "i64"],
@@ -33,7 +38,12 @@ const SYMBOLS = {
   fdatasync: { parameters: ["i32"], result: "i32" },
   // int fallocate(int fd, int mode, off_t offset, off_t len)
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
-  fallocate_nb: { name: "fallocate", parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
+  fallocate_nb: {
+    name: "fallocate",
+    parameters: ["i32", "i32", "i64", "i64"],
+    result: "i32",
+    nonblocking: true,
+  },
   // off_t lseek(int fd, off_t offset, int whence)
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   // int ftruncate(int fd, off_t length)

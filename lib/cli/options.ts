@@ -1,6 +1,6 @@
 /**
  * The parsed command line: a frozen object the rest of denbd reads. Field names follow qemu-nbd's
- * long options. Produced by `parseArgs` in `parse.ts`.
+ * long options. Produced by `parseCommandLine` in `parse.ts`.
  *
  * @module
  */
@@ -76,7 +76,12 @@ export interface ServerOptions {
   /** --tls-creds, --tls-authz, --tls-hostname, --object (kept for "not supported yet" errors). */
   readonly tlsCreds: string | undefined;
   readonly tlsAuthz: string | undefined;
+  readonly tlsHostname: string | undefined;
   readonly objects: readonly string[];
+  /** -T/--trace, repeatable (kept for "not supported yet"). */
+  readonly trace: readonly string[];
+  /** --selinux-label (kept for "not supported yet"). */
+  readonly selinuxLabel: string | undefined;
   /** -c/--connect DEV, -d/--disconnect, -L/--list: client modes. */
   readonly connect: string | undefined;
   readonly disconnect: boolean;

@@ -77,8 +77,17 @@ export class ThreadFileEngine implements FileEngine {
     let done = 0;
     while (done < buf.length) {
       const part = done === 0 ? buf : buf.subarray(done);
-      const n = Number(await libc().pread_nb(this.fd, part, part.length, offset + done));
-      if (n < 0) this.#fail("pread", offset + done, part.length, () => libc().pread(this.fd, part, part.length, offset + done));
+      const n = Number(
+        await libc().pread_nb(this.fd, part, BigInt(part.length), BigInt(offset + done)),
+      );
+      if (n < 0) {
+        this.#fail(
+          "pread",
+          offset + done,
+          part.length,
+          () => libc().pread(this.fd, part, BigInt(part.length), BigInt(offset + done)),
+        );
+      }
       if (n === 0) break;
       done += n;
     }
@@ -89,8 +98,17 @@ export class ThreadFileEngine implements FileEngine {
     let done = 0;
     while (done < buf.length) {
       const part = done === 0 ? buf : buf.subarray(done);
-      const n = Number(await libc().pwrite_nb(this.fd, part, part.length, offset + done));
-      if (n < 0) this.#fail("pwrite", offset + done, part.length, () => libc().pwrite(this.fd, part, part.length, offset + done));
+      const n = Number(
+        await libc().pwrite_nb(this.fd, part, BigInt(part.length), BigInt(offset + done)),
+      );
+      if (n < 0) {
+        this.#fail(
+          "pwrite",
+          offset + done,
+          part.length,
+          () => libc().pwrite(this.fd, part, BigInt(part.length), BigInt(offset + done)),
+        );
+      }
       done += n;
     }
   }
@@ -102,13 +120,13 @@ export class ThreadFileEngine implements FileEngine {
   }
 
   length(): number {
-    const n = Number(libc().lseek(this.fd, 0, SEEK_END));
+    const n = Number(libc().lseek(this.fd, 0n, SEEK_END));
     if (n < 0) throw errnoError(`lseek '${this.path}'`);
     return n;
   }
 
   truncate(length: number): void {
-    if (libc().ftruncate(this.fd, length) < 0) throw errnoError(`ftruncate '${this.path}'`);
+    if (libc().ftruncate(this.fd, BigInt(length)) < 0) throw errnoError(`ftruncate '${this.path}'`);
   }
 
   punchHole(offset: number, length: number): Promise<void> {
@@ -120,7 +138,7 @@ export class ThreadFileEngine implements FileEngine {
   }
 
   seekData(offset: number): number {
-    const r = Number(libc().lseek(this.fd, offset, SEEK_DATA));
+    const r = Number(libc().lseek(this.fd, BigInt(offset), SEEK_DATA));
     if (r >= 0) return r;
     const err = errno();
     if (err === Errno.ENXIO) return -1;
@@ -128,7 +146,7 @@ export class ThreadFileEngine implements FileEngine {
   }
 
   seekHole(offset: number): number {
-    const r = Number(libc().lseek(this.fd, offset, SEEK_HOLE));
+    const r = Number(libc().lseek(this.fd, BigInt(offset), SEEK_HOLE));
     if (r >= 0) return r;
     const err = errno();
     if (err === Errno.ENXIO) return offset;
@@ -136,7 +154,7 @@ export class ThreadFileEngine implements FileEngine {
   }
 
   prefetch(offset: number, length: number): void {
-    libc().posix_fadvise(this.fd, offset, length, POSIX_FADV_WILLNEED);
+    libc().posix_fadvise(this.fd, BigInt(offset), BigInt(length), POSIX_FADV_WILLNEED);
   }
 
   close(): void {
@@ -147,8 +165,8 @@ export class ThreadFileEngine implements FileEngine {
 
   async #fallocate(mode: number, offset: number, length: number): Promise<void> {
     if (length === 0) return;
-    if (await libc().fallocate_nb(this.fd, mode, offset, length) === 0) return;
-    if (libc().fallocate(this.fd, mode, offset, length) === 0) return;
+    if (await libc().fallocate_nb(this.fd, mode, BigInt(offset), BigInt(length)) === 0) return;
+    if (libc().fallocate(this.fd, mode, BigInt(offset), BigInt(length)) === 0) return;
     const err = errno();
     // EOPNOTSUPP (95) is what filesystems without the mode answer; ENOSYS likewise.
     if (err === Errno.ENOTSUP || err === 38) {

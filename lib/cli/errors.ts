@@ -1,0 +1,32 @@
+/**
+ * The one error type of the command-line layer.
+ *
+ * @module
+ */
+
+/** Program name used in messages; qemu-nbd prints `argv[0]`, denbd always says "denbd". */
+export const PROGRAM = "denbd";
+
+/** The second line qemu-nbd prints after a getopt error and after "Invalid number of arguments". */
+export const TRY_HELP = `Try \`${PROGRAM} --help' for more information.`;
+
+/**
+ * A command line qemu-nbd 7.2 would reject. `message` is what follows the "denbd: " prefix on the
+ * first line; `hint` holds any further lines exactly as they are printed (prefix included where
+ * qemu-nbd prints one). Use {@linkcode formatCliError} to get the whole stderr text; exit status 1.
+ */
+export class CliError extends Error {
+  /** Further lines, printed as they are after the first one (no trailing newline). */
+  readonly hint: string | undefined;
+
+  constructor(message: string, hint?: string) {
+    super(message);
+    this.name = "CliError";
+    this.hint = hint;
+  }
+}
+
+/** Everything qemu-nbd would write to stderr for this error, ending in a newline. */
+export function formatCliError(err: CliError): string {
+  return `${PROGRAM}: ${err.message}\n` + (err.hint === undefined ? "" : `${err.hint}\n`);
+}

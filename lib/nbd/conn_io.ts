@@ -1,0 +1,224 @@
+/**
+ * Socket I/O for one connection: a buffered reader (one large buffer, messages parsed from
+ * subarray views: ~40x cheaper than a read() per header, deno-notes §1) and a reply writer that
+ * writes each reply whole, loops over partial writes, and coalesces replies that are ready
+ * together into one write.
+ *
+ * @module
+ */
+
+/** The part of Deno.Conn used here (a stand-in in tests). */
+export interface ByteConn {
+  read(p: Uint8Array): Promise<number | null>;
+  write(p: Uint8Array): Promise<number>;
+  close(): void;
+}
+
+const INITIAL_BUFFER = 256 * 1024;
+
+/** Buffered reader over a connection. */
+export class BufferedReader {
+  #conn: ByteConn;
+  #buf: Uint8Array;
+  #view: DataView;
+  #r = 0;
+  #w = 0;
+  #eof = false;
+
+  constructor(conn: ByteConn) {
+    this.#conn = conn;
+    this.#buf = new Uint8Array(INITIAL_BUFFER);
+    this.#view = new DataView(this.#buf.buffer);
+  }
+
+  /** Bytes buffered and not consumed. */
+  get available(): number {
+    return this.#w - this.#r;
+  }
+
+  /** Whether the peer closed its side. */
+  get eof(): boolean {
+    return this.#eof;
+  }
+
+  /** The buffered, unconsumed bytes (a view: valid until the next fill). */
+  peek(): Uint8Array {
+    return this.#buf.subarray(this.#r, this.#w);
+  }
+
+  /** DataView over the whole buffer, and the absolute position of the next unread byte. */
+  get dataView(): DataView {
+    return this.#view;
+  }
+  get position(): number {
+    return this.#r;
+  }
+
+  /** Consume `n` buffered bytes. */
+  skip(n: number): void {
+    this.#r += n;
+  }
+
+  /**
+   * Read from the socket until at least `n` bytes are buffered. Returns false if the peer
+   * closed first. `n` may exceed the buffer: it grows (callers bound `n`).
+   */
+  async fill(n: number): Promise<boolean> {
+    while (this.#w - this.#r < n) {
+      if (this.#eof) return false;
+      this.#makeRoom(n);
+      const got = await this.#conn.read(this.#buf.subarray(this.#w));
+      if (got === null) {
+        this.#eof = true;
+        return false;
+      }
+      this.#w += got;
+    }
+    return true;
+  }
+
+  /** Read more of whatever the peer sends (at least one byte). Returns false at end of stream. */
+  async fillMore(): Promise<boolean> {
+    return await this.fill(this.available + 1);
+  }
+
+  /**
+   * Copy the next `n` bytes into `dest` (at `destOffset`): buffered bytes first, then straight
+   * from the socket into `dest` so large WRITE payloads are not copied twice.
+   */
+  async readInto(dest: Uint8Array, destOffset: number, n: number): Promise<boolean> {
+    const have = Math.min(this.available, n);
+    dest.set(this.#buf.subarray(this.#r, this.#r + have), destOffset);
+    this.#r += have;
+    let done = have;
+    while (done < n) {
+      const got = await this.#conn.read(dest.subarray(destOffset + done, destOffset + n));
+      if (got === null) {
+        this.#eof = true;
+        return false;
+      }
+      done += got;
+    }
+    return true;
+  }
+
+  /** Discard `n` bytes (buffered first, then from the socket). */
+  async discard(n: number): Promise<boolean> {
+    while (n > 0) {
+      if (this.available === 0 && !(await this.fill(1))) return false;
+      const k = Math.min(n, this.available);
+      this.#r += k;
+      n -= k;
+    }
+    return true;
+  }
+
+  #makeRoom(n: number): void {
+    if (this.#r === this.#w) {
+      this.#r = this.#w = 0;
+    }
+    if (this.#buf.length - this.#r >= n && this.#w < this.#buf.length) return;
+    const pending = this.#w - this.#r;
+    if (n <= this.#buf.length && pending < this.#buf.length) {
+      this.#buf.copyWithin(0, this.#r, this.#w);
+    } else {
+      let size = this.#buf.length;
+      while (size < n || size <= pending) size *= 2;
+      const bigger = new Uint8Array(size);
+      bigger.set(this.#buf.subarray(this.#r, this.#w));
+      this.#buf = bigger;
+      this.#view = new DataView(bigger.buffer);
+    }
+    this.#r = 0;
+    this.#w = pending;
+  }
+}
+
+/** Replies smaller than this are coalesced with their neighbours into one write. */
+const COALESCE_LIMIT = 64 * 1024;
+
+/**
+ * Serialises replies: each `send(buf)` goes out whole and in order, and replies queued while a
+ * write is in progress are merged into the next write when small.
+ */
+export class ReplyWriter {
+  #conn: ByteConn;
+  #queue: Uint8Array[] = [];
+  #queued = 0;
+  #pumping = false;
+  #failed: unknown = undefined;
+  #idle: (() => void)[] = [];
+  #scratch = new Uint8Array(COALESCE_LIMIT * 2);
+
+  constructor(conn: ByteConn) {
+    this.#conn = conn;
+  }
+
+  /** The write error that stopped the writer, if any. */
+  get failed(): unknown {
+    return this.#failed;
+  }
+
+  /** Queue a reply. Write errors surface through `failed` and `drain()`. */
+  send(buf: Uint8Array): void {
+    if (this.#failed !== undefined) return;
+    this.#queue.push(buf);
+    this.#queued += buf.length;
+    if (!this.#pumping) void this.#pump();
+  }
+
+  /** Resolves when everything queued so far was written (or writing failed). */
+  drain(): Promise<void> {
+    if (!this.#pumping) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  /** Bytes waiting to be written (backpressure for the request loop). */
+  get queuedBytes(): number {
+    return this.#queued;
+  }
+
+  async #pump(): Promise<void> {
+    this.#pumping = true;
+    try {
+      while (this.#queue.length > 0) {
+        let out: Uint8Array;
+        const first = this.#queue[0]!;
+        if (this.#queue.length > 1 && first.length < COALESCE_LIMIT) {
+          // Merge consecutive small replies into the scratch buffer: one syscall for many.
+          let n = 0;
+          let k = 0;
+          while (k < this.#queue.length && n + this.#queue[k]!.length <= this.#scratch.length) {
+            this.#scratch.set(this.#queue[k]!, n);
+            n += this.#queue[k]!.length;
+            k++;
+          }
+          this.#queue.splice(0, k);
+          out = this.#scratch.subarray(0, n);
+        } else {
+          this.#queue.shift();
+          out = first;
+        }
+        this.#queued -= out.length;
+        await writeAll(this.#conn, out);
+      }
+    } catch (e) {
+      this.#failed = e;
+      this.#queue.length = 0;
+      this.#queued = 0;
+    } finally {
+      this.#pumping = false;
+      const waiters = this.#idle;
+      this.#idle = [];
+      for (const w of waiters) w();
+    }
+  }
+}
+
+/** Write all of `buf`, looping over partial writes. */
+export async function writeAll(conn: ByteConn, buf: Uint8Array): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    done += await conn.write(done === 0 ? buf : buf.subarray(done));
+  }
+}

@@ -1,0 +1,533 @@
+/**
+ * One client connection: greeting, the handshake machine driven from the buffered reader, then
+ * the transmission loop. One reader decodes requests, validates them apart from dispatch, runs
+ * many at once against the block device, and replies go out whole through the ReplyWriter.
+ *
+ * Request validation follows qemu-nbd 7.2 (nbd_co_receive_request): every invalid request is
+ * answered EINVAL; a WRITE whose payload was not consumed (over 32 MiB) also ends the connection.
+ *
+ * @module
+ */
+
+import { type BlockDevice, ExtentList, STATE_ZERO } from "../block/types.ts";
+import {
+  commandName,
+  META_ID_ALLOCATION_DEPTH,
+  META_ID_BASE_ALLOCATION,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_FLAG_READ_ONLY,
+  NBD_MAX_BLOCK_STATUS_EXTENTS,
+  NBD_MAX_BUFFER_SIZE,
+  NBD_REQUEST_SIZE,
+  nbdErrno,
+} from "./constants.ts";
+import { BufferedReader, type ByteConn, ReplyWriter } from "./conn_io.ts";
+import { type ExportDescriptor, initialState, type Negotiated, step } from "./handshake.ts";
+import {
+  allocDataChunk,
+  allocSimpleReply,
+  CHUNK_DATA_OFFSET,
+  decodeRequest,
+  encodeBlockStatusChunk,
+  encodeDoneChunk,
+  encodeErrorChunk,
+  encodeGreeting,
+  HOLE_CHUNK_SIZE,
+  putDataChunkHeader,
+  putHoleChunk,
+  type Request,
+  requestMagicOk,
+  SIMPLE_DATA_OFFSET,
+} from "./wire.ts";
+import { BlockError } from "../block/types.ts";
+
+/** Requests run at once on one connection (qemu allows 16). */
+export const MAX_IN_FLIGHT = 64;
+/** Payload bytes held by in-flight requests on one connection before reading pauses. */
+export const MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024;
+
+export interface SessionOptions {
+  readonly export: ExportDescriptor;
+  readonly device: BlockDevice;
+  /** Seconds allowed for the handshake; 0 = no limit. */
+  readonly handshakeLimit: number;
+  /** Diagnostic log (stderr under -v). */
+  readonly log: (msg: string) => void;
+}
+
+/** How a session ended: whether it reached transmission (qemu counts only those for -t). */
+export interface SessionEnd {
+  readonly negotiated: boolean;
+}
+
+/** Serve one connection until it closes. Never throws. */
+export async function serveConnection(
+  conn: ByteConn,
+  options: SessionOptions,
+): Promise<SessionEnd> {
+  const reader = new BufferedReader(conn);
+  const writer = new ReplyWriter(conn);
+  let closed = false;
+  const closeConn = () => {
+    if (closed) return;
+    closed = true;
+    try {
+      conn.close();
+    } catch { /* already closed */ }
+  };
+  let negotiated: Negotiated | undefined;
+  try {
+    negotiated = await handshake(reader, writer, options, closeConn);
+    if (negotiated === undefined) return { negotiated: false };
+    await new Transmission(reader, writer, options, negotiated).run();
+    return { negotiated: true };
+  } catch (e) {
+    options.log(`connection error: ${e instanceof Error ? e.message : String(e)}`);
+    return { negotiated: negotiated !== undefined };
+  } finally {
+    await writer.drain();
+    closeConn();
+  }
+}
+
+async function handshake(
+  reader: BufferedReader,
+  writer: ReplyWriter,
+  options: SessionOptions,
+  closeConn: () => void,
+): Promise<Negotiated | undefined> {
+  let timedOut = false;
+  const timer = options.handshakeLimit > 0
+    ? setTimeout(() => {
+      timedOut = true;
+      options.log("handshake time limit reached; closing connection");
+      closeConn();
+    }, options.handshakeLimit * 1000)
+    : undefined;
+  try {
+    writer.send(encodeGreeting());
+    let state = initialState(options.export);
+    for (;;) {
+      const res = step(state, reader.peek());
+      reader.skip(res.consumed);
+      for (const r of res.replies) writer.send(r);
+      state = res.state;
+      switch (res.effect.kind) {
+        case "continue":
+          continue;
+        case "more":
+          try {
+            if (!(await reader.fillMore())) return undefined;
+          } catch (e) {
+            if (timedOut) return undefined;
+            throw e;
+          }
+          continue;
+        case "go":
+          return res.effect.negotiated;
+        case "close":
+          if (!res.effect.clean) options.log(`option negotiation failed: ${res.effect.reason}`);
+          return undefined;
+      }
+    }
+  } finally {
+    if (timer !== undefined) clearTimeout(timer);
+  }
+}
+
+/** The transmission phase of one connection. */
+class Transmission {
+  readonly #reader: BufferedReader;
+  readonly #writer: ReplyWriter;
+  readonly #dev: BlockDevice;
+  readonly #size: number;
+  readonly #readOnly: boolean;
+  readonly #structured: boolean;
+  readonly #neg: Negotiated;
+  readonly #log: (msg: string) => void;
+  #inFlight = 0;
+  #inFlightBytes = 0;
+  #slotFree: (() => void) | undefined;
+  #fatal = false;
+
+  constructor(
+    reader: BufferedReader,
+    writer: ReplyWriter,
+    options: SessionOptions,
+    neg: Negotiated,
+  ) {
+    this.#reader = reader;
+    this.#writer = writer;
+    this.#dev = options.device;
+    this.#size = neg.export.size;
+    this.#readOnly = (neg.flags & NBD_FLAG_READ_ONLY) !== 0;
+    this.#structured = neg.structured;
+    this.#neg = neg;
+    this.#log = options.log;
+  }
+
+  async run(): Promise<void> {
+    const reader = this.#reader;
+    const req: Request = {
+      magic: 0,
+      flags: 0,
+      type: 0,
+      cookieHi: 0,
+      cookieLo: 0,
+      offset: 0,
+      length: 0,
+    };
+    try {
+      while (!this.#fatal && this.#writer.failed === undefined) {
+        if (this.#inFlight >= MAX_IN_FLIGHT || this.#inFlightBytes >= MAX_IN_FLIGHT_BYTES) {
+          await new Promise<void>((resolve) => this.#slotFree = resolve);
+          continue;
+        }
+        if (!(await reader.fill(NBD_REQUEST_SIZE))) break; // client went away
+        decodeRequest(reader.dataView, reader.position, req);
+        reader.skip(NBD_REQUEST_SIZE);
+        if (!requestMagicOk(req)) {
+          this.#log(`invalid magic (got 0x${req.magic.toString(16)})`);
+          this.#replyError(
+            req.cookieHi,
+            req.cookieLo,
+            NBD_EINVAL,
+            `invalid magic (got 0x${req.magic.toString(16)})`,
+          );
+          break;
+        }
+        if (req.type === NBD_CMD_DISC) break;
+
+        let payload: Uint8Array | undefined;
+        if (req.type === NBD_CMD_WRITE) {
+          if (req.length > NBD_MAX_BUFFER_SIZE) {
+            // The payload cannot be consumed safely: answer, then drop the connection.
+            this.#replyError(
+              req.cookieHi,
+              req.cookieLo,
+              NBD_EINVAL,
+              `len (${req.length}) is larger than max len (${NBD_MAX_BUFFER_SIZE})`,
+            );
+            break;
+          }
+          payload = new Uint8Array(req.length);
+          if (!(await reader.readInto(payload, 0, req.length))) break;
+        }
+        const invalid = this.#validate(req);
+        if (invalid !== undefined) {
+          this.#replyError(req.cookieHi, req.cookieLo, NBD_EINVAL, invalid);
+          continue;
+        }
+        this.#start(
+          req.type,
+          req.flags,
+          req.cookieHi,
+          req.cookieLo,
+          req.offset,
+          req.length,
+          payload,
+        );
+      }
+    } finally {
+      // Outstanding requests finish and are answered before the connection closes (DISC rule).
+      while (this.#inFlight > 0) await new Promise<void>((resolve) => this.#slotFree = resolve);
+    }
+  }
+
+  /** qemu 7.2's checks, in its order; returns the error message or undefined. */
+  #validate(r: Request): string | undefined {
+    const t = r.type;
+    let validFlags = NBD_CMD_FLAG_FUA;
+    switch (t) {
+      case NBD_CMD_READ:
+        if (this.#structured) validFlags |= NBD_CMD_FLAG_DF;
+        if (r.length > NBD_MAX_BUFFER_SIZE) {
+          return `len (${r.length}) is larger than max len (${NBD_MAX_BUFFER_SIZE})`;
+        }
+        break;
+      case NBD_CMD_CACHE:
+        if (r.length > NBD_MAX_BUFFER_SIZE) {
+          return `len (${r.length}) is larger than max len (${NBD_MAX_BUFFER_SIZE})`;
+        }
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        validFlags |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+        break;
+      case NBD_CMD_BLOCK_STATUS:
+        validFlags |= NBD_CMD_FLAG_REQ_ONE;
+        break;
+    }
+    if (
+      this.#readOnly && (t === NBD_CMD_WRITE || t === NBD_CMD_TRIM || t === NBD_CMD_WRITE_ZEROES)
+    ) {
+      return "Export is read-only";
+    }
+    if (r.offset > this.#size || r.length > this.#size - r.offset) {
+      return `operation past EOF; From: ${r.offset}, Len: ${r.length}, Size: ${this.#size}`;
+    }
+    if (r.flags & ~validFlags) {
+      return `unsupported flags for command ${commandName(t)} (got 0x${r.flags.toString(16)})`;
+    }
+    if (t > NBD_CMD_BLOCK_STATUS) return `invalid request type (${t}) received`;
+    return undefined;
+  }
+
+  #start(
+    type: number,
+    flags: number,
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+    payload: Uint8Array | undefined,
+  ): void {
+    const bytes = type === NBD_CMD_READ || type === NBD_CMD_WRITE ? length : 0;
+    this.#inFlight++;
+    this.#inFlightBytes += bytes;
+    this.#dispatch(type, flags, cookieHi, cookieLo, offset, length, payload)
+      .catch((e) => this.#failed(type, cookieHi, cookieLo, e))
+      .finally(() => {
+        this.#inFlight--;
+        this.#inFlightBytes -= bytes;
+        const wake = this.#slotFree;
+        this.#slotFree = undefined;
+        wake?.();
+      });
+  }
+
+  async #dispatch(
+    type: number,
+    flags: number,
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+    payload: Uint8Array | undefined,
+  ): Promise<void> {
+    const dev = this.#dev;
+    const fua = (flags & NBD_CMD_FLAG_FUA) !== 0;
+    switch (type) {
+      case NBD_CMD_READ:
+        if (fua) await dev.flush(); // qemu flushes before a FUA read
+        return await this.#read(flags, cookieHi, cookieLo, offset, length);
+      case NBD_CMD_WRITE:
+        await dev.pwrite(payload!, offset, { fua });
+        return this.#replyOk(cookieHi, cookieLo);
+      case NBD_CMD_FLUSH:
+        await dev.flush();
+        return this.#replyOk(cookieHi, cookieLo);
+      case NBD_CMD_TRIM:
+        await dev.trim(offset, length, { fua });
+        if (fua) await dev.flush();
+        return this.#replyOk(cookieHi, cookieLo);
+      case NBD_CMD_WRITE_ZEROES:
+        await dev.zero(offset, length, {
+          fua,
+          noHole: (flags & NBD_CMD_FLAG_NO_HOLE) !== 0,
+          fastZero: (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+        });
+        return this.#replyOk(cookieHi, cookieLo);
+      case NBD_CMD_CACHE:
+        await dev.cache(offset, length);
+        return this.#replyOk(cookieHi, cookieLo);
+      case NBD_CMD_BLOCK_STATUS:
+        return await this.#blockStatus(flags, cookieHi, cookieLo, offset, length);
+    }
+  }
+
+  async #read(
+    flags: number,
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+  ): Promise<void> {
+    const dev = this.#dev;
+    if (!this.#structured) {
+      const reply = allocSimpleReply(cookieHi, cookieLo, 0, length);
+      await dev.pread(reply.subarray(SIMPLE_DATA_OFFSET), offset);
+      return this.#writer.send(reply);
+    }
+    if (length === 0) return this.#writer.send(encodeDoneChunk(cookieHi, cookieLo));
+    if (flags & NBD_CMD_FLAG_DF) {
+      const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true);
+      await dev.pread(reply.subarray(CHUNK_DATA_OFFSET), offset);
+      return this.#writer.send(reply);
+    }
+    // Sparse read as qemu does it: one chunk per extent, zero extents as OFFSET_HOLE.
+    const ext = new ExtentList(1024);
+    let covered = 0;
+    while (covered < length) {
+      const before = ext.total;
+      await dev.extents(offset + covered, length - covered, ext);
+      if (ext.total === before) break; // a layer that reports nothing: treat the rest as data
+      covered = Math.min(ext.total, length);
+      if (ext.full) break;
+    }
+    const pairs = ext.pairs;
+    if (!hasZero(pairs)) {
+      const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true);
+      await dev.pread(reply.subarray(CHUNK_DATA_OFFSET), offset);
+      return this.#writer.send(reply);
+    }
+    // Lay out every chunk in one buffer, then fill the data chunks concurrently.
+    let total = 0;
+    let pos = 0;
+    const runs: number[] = []; // start, length, isHole
+    for (let i = 0; i < pairs.length && pos < length; i += 2) {
+      const len = Math.min(pairs[i]!, length - pos);
+      const hole = (pairs[i + 1]! & STATE_ZERO) !== 0;
+      runs.push(pos, len, hole ? 1 : 0);
+      total += hole ? HOLE_CHUNK_SIZE : CHUNK_DATA_OFFSET + len;
+      pos += len;
+    }
+    if (pos < length) {
+      runs.push(pos, length - pos, 0);
+      total += CHUNK_DATA_OFFSET + length - pos;
+    }
+    const buf = new Uint8Array(total);
+    const reads: Promise<void>[] = [];
+    let at = 0;
+    for (let i = 0; i < runs.length; i += 3) {
+      const start = runs[i]!;
+      const len = runs[i + 1]!;
+      const last = i + 3 >= runs.length;
+      if (runs[i + 2]) {
+        putHoleChunk(buf, at, cookieHi, cookieLo, offset + start, len, last);
+        at += HOLE_CHUNK_SIZE;
+      } else {
+        putDataChunkHeader(buf, at, cookieHi, cookieLo, offset + start, len, last);
+        reads.push(
+          dev.pread(
+            buf.subarray(at + CHUNK_DATA_OFFSET, at + CHUNK_DATA_OFFSET + len),
+            offset + start,
+          ),
+        );
+        at += CHUNK_DATA_OFFSET + len;
+      }
+    }
+    await Promise.all(reads);
+    this.#writer.send(buf);
+  }
+
+  async #blockStatus(
+    flags: number,
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+  ): Promise<void> {
+    if (length === 0) {
+      return this.#replyError(cookieHi, cookieLo, NBD_EINVAL, "need non-zero length");
+    }
+    const meta = this.#neg.meta;
+    if (meta.count === 0) {
+      return this.#replyError(cookieHi, cookieLo, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
+    }
+    const reqOne = (flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const max = reqOne ? 1 : NBD_MAX_BLOCK_STATUS_EXTENTS;
+    const chunks: Uint8Array[] = [];
+    let remaining = meta.count;
+    if (meta.baseAllocation) {
+      const ext = await this.#collect(
+        offset,
+        length,
+        max,
+        (o, l, out) => this.#dev.extents(o, l, out),
+      );
+      chunks.push(
+        encodeBlockStatusChunk(cookieHi, cookieLo, META_ID_BASE_ALLOCATION, ext, --remaining === 0),
+      );
+    }
+    if (meta.allocationDepth) {
+      const dev = this.#dev;
+      const ext = await this.#collect(
+        offset,
+        length,
+        max,
+        (o, l, out) =>
+          dev.allocationDepth
+            ? dev.allocationDepth(o, l, out)
+            : Promise.resolve(void out.add(l, 1)),
+      );
+      chunks.push(
+        encodeBlockStatusChunk(
+          cookieHi,
+          cookieLo,
+          META_ID_ALLOCATION_DEPTH,
+          ext,
+          --remaining === 0,
+        ),
+      );
+    }
+    for (const c of chunks) this.#writer.send(c);
+  }
+
+  /** Gather extents over `[offset, offset+length)`, clamped to the request. */
+  async #collect(
+    offset: number,
+    length: number,
+    max: number,
+    fetch: (offset: number, length: number, out: ExtentList) => Promise<void>,
+  ): Promise<number[]> {
+    const ext = new ExtentList(max);
+    while (ext.total < length && !ext.full) {
+      const before = ext.total;
+      await fetch(offset + ext.total, length - ext.total, ext);
+      if (ext.total === before) {
+        ext.add(length - ext.total, 0);
+        break;
+      }
+    }
+    // With several extents the last may not overrun; clamp it so replies stay inside the request.
+    const pairs = ext.pairs;
+    let sum = 0;
+    for (let i = 0; i < pairs.length; i += 2) {
+      if (sum + pairs[i]! >= length) {
+        pairs[i] = length - sum;
+        pairs.length = i + 2;
+        break;
+      }
+      sum += pairs[i]!;
+    }
+    return pairs;
+  }
+
+  #replyOk(cookieHi: number, cookieLo: number): void {
+    this.#writer.send(allocSimpleReply(cookieHi, cookieLo, 0, 0));
+  }
+
+  #replyError(cookieHi: number, cookieLo: number, error: number, message: string): void {
+    if (this.#structured) this.#writer.send(encodeErrorChunk(cookieHi, cookieLo, error, message));
+    else this.#writer.send(allocSimpleReply(cookieHi, cookieLo, error, 0));
+  }
+
+  #failed(type: number, cookieHi: number, cookieLo: number, e: unknown): void {
+    const errno = e instanceof BlockError ? e.errno : 5;
+    const msg = e instanceof Error ? e.message : String(e);
+    this.#log(`${commandName(type)} failed: ${msg}`);
+    if (!(e instanceof BlockError)) {
+      // A bug rather than an I/O error: answer EIO and keep serving, but say so.
+      this.#log(e instanceof Error && e.stack ? e.stack : msg);
+    }
+    this.#replyError(cookieHi, cookieLo, nbdErrno(errno), msg);
+  }
+}
+
+function hasZero(pairs: readonly number[]): boolean {
+  for (let i = 1; i < pairs.length; i += 2) if (pairs[i]! & STATE_ZERO) return true;
+  return false;
+}

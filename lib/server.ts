@@ -1,0 +1,91 @@
+/**
+ * Serve mode: options → block stack → listener, with qemu-nbd's lifecycle (pid file after the
+ * socket is listening, --fork readiness, SIGTERM/SIGINT shut down cleanly, exit when the last
+ * client leaves unless -t).
+ *
+ * @module
+ */
+
+import type { ServerOptions } from "./cli/options.ts";
+import { openExportStack } from "./block/stack.ts";
+import { describeExport } from "./nbd/export.ts";
+import { type ListenAddress, NbdListener } from "./nbd/listener.ts";
+
+/** How the server talks to the outside world (stderr, readiness for --fork). */
+export interface ServerIo {
+  /** Error and warning output (stderr). */
+  readonly error: (msg: string) => void;
+  /** Called once the socket is listening (the --fork child tells its parent). */
+  readonly ready?: () => void;
+}
+
+/** Run the server until it stops; returns the process exit code. */
+export async function runServer(options: ServerOptions, io: ServerIo): Promise<number> {
+  const log = options.verbose ? (msg: string) => io.error(msg) : () => {};
+  const opened = await openExportStack(options, io.error);
+  const device = opened.device;
+  const exp = describeExport(device, {
+    name: options.exportName,
+    description: options.description,
+    shared: options.shared,
+    allocationDepth: options.allocationDepth,
+    bitmaps: options.bitmaps,
+  });
+  const address: ListenAddress = options.socket !== undefined
+    ? { transport: "unix", path: options.socket }
+    : { transport: "tcp", hostname: options.bind, port: options.port };
+  if (address.transport === "unix") removeStaleSocket(address.path);
+
+  let listener: NbdListener;
+  try {
+    listener = new NbdListener({
+      address,
+      shared: options.shared,
+      persistent: options.persistent,
+      session: { export: exp, device, handshakeLimit: options.handshakeLimit, log },
+    });
+  } catch (e) {
+    await device.close();
+    throw e;
+  }
+  log(
+    `NBD server listening on ${
+      describeAddress(address)
+    }; export '${exp.name}' size ${exp.size} flags 0x${exp.flags.toString(16)}`,
+  );
+
+  if (options.pidFile !== undefined) Deno.writeTextFileSync(options.pidFile, `${Deno.pid}\n`);
+  io.ready?.();
+
+  const onSignal = () => listener.stop();
+  const signals: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+  for (const s of signals) Deno.addSignalListener(s, onSignal);
+  try {
+    await listener.done;
+  } finally {
+    for (const s of signals) Deno.removeSignalListener(s, onSignal);
+    try {
+      await device.flush();
+    } catch (e) {
+      io.error(`flush at exit failed: ${e instanceof Error ? e.message : e}`);
+    }
+    await device.close();
+    if (options.pidFile !== undefined) {
+      try {
+        Deno.removeSync(options.pidFile);
+      } catch { /* gone already */ }
+    }
+  }
+  return 0;
+}
+
+function describeAddress(a: ListenAddress): string {
+  return a.transport === "unix" ? `unix:${a.path}` : `${a.hostname}:${a.port}`;
+}
+
+/** qemu unlinks an existing socket file before binding; do the same, but only for sockets. */
+function removeStaleSocket(path: string): void {
+  try {
+    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
+  } catch { /* does not exist */ }
+}

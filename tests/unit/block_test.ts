@@ -1,0 +1,197 @@
+// The raw driver and the filters on real sparse files (FFI file engine), without the protocol.
+import assert from "node:assert/strict";
+import { RawDevice } from "../../lib/block/raw.ts";
+import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { BlockError, ExtentList, STATE_HOLE, STATE_ZERO } from "../../lib/block/types.ts";
+import { DetectZeroesFilter, isZero } from "../../lib/block/filters/detect_zeroes.ts";
+import { DiscardIgnoreFilter } from "../../lib/block/filters/discard.ts";
+import { ProbeGuardFilter } from "../../lib/block/filters/probe_guard.ts";
+import { ReadOnlyFilter } from "../../lib/block/filters/read_only.ts";
+
+const MiB = 1024 * 1024;
+
+async function withImage(size: number, fn: (path: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "denbd-block-" });
+  const path = `${dir}/disk.img`;
+  const f = await Deno.create(path);
+  await f.truncate(size);
+  f.close();
+  try {
+    await fn(path);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function allocatedBytes(path: string): number {
+  return (Deno.statSync(path).blocks ?? 0) * 512;
+}
+
+Deno.test("raw: size rounds up to 512, reads past the end of file are zeroes", async () => {
+  await withImage(1000, async (path) => {
+    const dev = new RawDevice(openFileEngine(path, { writable: true }), {
+      writable: true,
+      offset: 0,
+      size: undefined,
+      minBlock: 1,
+    });
+    assert.equal(dev.size, 1024);
+    await dev.pwrite(new Uint8Array(10).fill(0xab), 995, {});
+    const buf = new Uint8Array(30).fill(0xff);
+    await dev.pread(buf, 994);
+    assert.deepEqual([...buf.subarray(0, 12)], [0, ...new Array(10).fill(0xab), 0]);
+    await dev.close();
+  });
+});
+
+Deno.test("raw: offset and size window; bad windows are refused with the numbers", async () => {
+  await withImage(4 * MiB, async (path) => {
+    const file = openFileEngine(path, { writable: true });
+    await file.pwrite(new Uint8Array([1, 2, 3, 4]), MiB);
+    const dev = new RawDevice(file, { writable: true, offset: MiB, size: MiB, minBlock: 1 });
+    assert.equal(dev.size, MiB);
+    const buf = new Uint8Array(4);
+    await dev.pread(buf, 0);
+    assert.deepEqual([...buf], [1, 2, 3, 4]);
+    assert.throws(
+      () => new RawDevice(file, { writable: true, offset: 3 * MiB, size: 2 * MiB, minBlock: 1 }),
+      /has to be smaller or equal/,
+    );
+    assert.throws(
+      () => new RawDevice(file, { writable: true, offset: 0, size: 1000, minBlock: 1 }),
+      /multiple of 512/,
+    );
+    await dev.close();
+  });
+});
+
+Deno.test("raw: extents from SEEK_DATA/SEEK_HOLE, trim punches, zero with noHole keeps data allocated", async () => {
+  await withImage(8 * MiB, async (path) => {
+    const dev = new RawDevice(openFileEngine(path, { writable: true }), {
+      writable: true,
+      offset: 0,
+      size: undefined,
+      minBlock: 1,
+    });
+    await dev.pwrite(new Uint8Array(MiB).fill(1), 2 * MiB, {});
+    let ext = new ExtentList(100);
+    await dev.extents(0, 8 * MiB, ext);
+    assert.deepEqual(ext.pairs, [
+      2 * MiB,
+      STATE_HOLE | STATE_ZERO,
+      MiB,
+      0,
+      5 * MiB,
+      STATE_HOLE | STATE_ZERO,
+    ]);
+    // REQ_ONE style: one extent only.
+    ext = new ExtentList(1);
+    await dev.extents(0, 8 * MiB, ext);
+    assert.equal(ext.count, 1);
+
+    await dev.zero(2 * MiB, MiB, { noHole: true });
+    const zeroed = new Uint8Array(MiB).fill(7);
+    await dev.pread(zeroed, 2 * MiB);
+    assert.ok(isZero(zeroed));
+    await dev.pwrite(new Uint8Array(MiB).fill(1), 2 * MiB, {});
+    const before = allocatedBytes(path);
+    await dev.trim(2 * MiB, MiB, {});
+    assert.ok(allocatedBytes(path) < before, "trim deallocated");
+    await dev.close();
+  });
+});
+
+Deno.test("discard=ignore: trim is a no-op and zero never deallocates", async () => {
+  await withImage(4 * MiB, async (path) => {
+    const raw = new RawDevice(openFileEngine(path, { writable: true }), {
+      writable: true,
+      offset: 0,
+      size: undefined,
+      minBlock: 1,
+    });
+    const dev = new DiscardIgnoreFilter(raw);
+    await dev.pwrite(new Uint8Array(MiB).fill(3), 0, {});
+    const before = allocatedBytes(path);
+    await dev.trim(0, MiB, {});
+    const buf = new Uint8Array(16);
+    await dev.pread(buf, 0);
+    assert.ok(buf.every((b) => b === 3), "data kept after ignored trim");
+    await dev.zero(0, MiB, {});
+    assert.equal(allocatedBytes(path), before, "zero without unmap keeps the blocks");
+    await dev.pread(buf, 0);
+    assert.ok(isZero(buf));
+    await dev.close();
+  });
+});
+
+Deno.test("detect-zeroes turns a zero write into a zero request", async () => {
+  const calls: string[] = [];
+  const fake = {
+    size: MiB,
+    caps: {
+      writable: true,
+      flush: true,
+      trim: true,
+      zero: true,
+      fastZero: true,
+      extents: true,
+      minBlock: 1,
+    },
+    pread: () => Promise.resolve(),
+    pwrite: () => (calls.push("write"), Promise.resolve()),
+    zero: (
+      _o: number,
+      _l: number,
+      f: { noHole?: boolean },
+    ) => (calls.push(`zero noHole=${f.noHole}`), Promise.resolve()),
+    flush: () => Promise.resolve(),
+    trim: () => Promise.resolve(),
+    cache: () => Promise.resolve(),
+    extents: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  await new DetectZeroesFilter(fake, false).pwrite(new Uint8Array(4096), 0, {});
+  await new DetectZeroesFilter(fake, true).pwrite(new Uint8Array(4096), 0, {});
+  const data = new Uint8Array(4096);
+  data[4095] = 1;
+  await new DetectZeroesFilter(fake, true).pwrite(data, 0, {});
+  assert.deepEqual(calls, ["zero noHole=true", "zero noHole=false", "write"]);
+  assert.ok(isZero(new Uint8Array(13).subarray(3)));
+  const odd = new Uint8Array(21);
+  odd[20] = 5;
+  assert.ok(!isZero(odd.subarray(1)));
+});
+
+Deno.test("read-only filter and block-0 guard refuse with EPERM", async () => {
+  await withImage(MiB, async (path) => {
+    const raw = new RawDevice(openFileEngine(path, { writable: true }), {
+      writable: true,
+      offset: 0,
+      size: undefined,
+      minBlock: 512,
+    });
+    const ro = new ReadOnlyFilter(raw);
+    assert.equal(ro.caps.writable, false);
+    await assert.rejects(ro.pwrite(), (e) => e instanceof BlockError && e.errno === 1);
+    const guard = new ProbeGuardFilter(raw);
+    await assert.rejects(
+      guard.pwrite(new Uint8Array([0x51, 0x46, 0x49, 0xfb]), 0, {}),
+      (e) => e instanceof BlockError && e.errno === 1,
+    );
+    await guard.pwrite(new Uint8Array([1, 2, 3, 4]), 0, {}); // harmless data is fine
+    await guard.pwrite(new Uint8Array([0x51, 0x46, 0x49, 0xfb]), 4096, {}); // elsewhere too
+    await raw.close();
+  });
+});
+
+Deno.test("ExtentList merges equal neighbours and stops when full", () => {
+  const l = new ExtentList(2);
+  l.add(10, 0);
+  l.add(5, 0);
+  assert.deepEqual(l.pairs, [15, 0]);
+  l.add(7, 3);
+  assert.ok(l.full);
+  assert.equal(l.add(1, 0), false);
+  assert.equal(l.add(1, 3), true, "a merge still fits");
+  assert.equal(l.total, 23);
+});
