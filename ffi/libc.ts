@@ -19,6 +19,8 @@ const SYMBOLS = {
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   // ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  // ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags)
+  preadv2: { parameters: ["i32", "buffer", "i32", "i64", "i32"], result: "isize" },
   // The same two on Deno's blocking pool: the event loop keeps serving while the kernel copies.
   pread_nb: {
     name: "pread",
@@ -88,6 +90,10 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 
 export const POSIX_FADV_WILLNEED = 3;
+
+/** preadv2 flag: fail with EAGAIN instead of waiting for the disk (page-cache hits only). */
+export const RWF_NOWAIT = 0x08;
+export const EAGAIN = 11;
 
 export const LOCK_SH = 1;
 export const LOCK_EX = 2;

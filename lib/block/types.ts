@@ -99,7 +99,10 @@ export interface BlockDevice {
   /** Size in bytes of what this layer exposes. */
   readonly size: number;
   readonly caps: Capabilities;
-  /** Fill `buf` with the bytes at `offset`. The range is inside `size`. */
+  /**
+   * Fill `buf` with the bytes at `offset`. The range is inside `size`. Every byte of `buf` must
+   * be written (zeroes included): buffers are reused and arrive with stale contents.
+   */
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** Write `buf` at `offset`. */
   pwrite(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void>;

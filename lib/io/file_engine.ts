@@ -6,6 +6,7 @@
  */
 
 import {
+  EAGAIN,
   errno,
   errnoError,
   FALLOC_FL_KEEP_SIZE,
@@ -17,6 +18,7 @@ import {
   O_RDWR,
   openFile,
   POSIX_FADV_WILLNEED,
+  RWF_NOWAIT,
   SEEK_DATA,
   SEEK_END,
   SEEK_HOLE,
@@ -66,15 +68,25 @@ export class ThreadFileEngine implements FileEngine {
   readonly path: string;
   readonly fd: number;
   #closed = false;
+  #nowait: boolean;
+  readonly #iov = new BigUint64Array(2);
+  readonly #iovBytes = new Uint8Array(this.#iov.buffer);
 
   constructor(path: string, options: OpenOptions) {
     this.path = path;
     const flags = (options.writable ? O_RDWR : O_RDONLY) | (options.direct ? O_DIRECT : 0);
     this.fd = openFile(path, flags);
+    // O_DIRECT bypasses the page cache, so a cached read can never hit.
+    this.#nowait = !options.direct;
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<number> {
-    let done = 0;
+    // Page-cache hits are served synchronously (a memcpy, ~1.5 us for 4 KiB), which is far cheaper
+    // than a hop to the blocking pool; RWF_NOWAIT makes the kernel refuse rather than wait for the
+    // disk, and only what is not cached goes to the pool.
+    let done = this.#preadCached(buf, offset);
+    if (done === buf.length) return done;
+    if (done < 0) done = 0;
     while (done < buf.length) {
       const part = done === 0 ? buf : buf.subarray(done);
       const n = Number(
@@ -92,6 +104,20 @@ export class ThreadFileEngine implements FileEngine {
       done += n;
     }
     return done;
+  }
+
+  /** Synchronous read of whatever is in the page cache: bytes read, 0 at EOF, -1 if none cached. */
+  #preadCached(buf: Uint8Array, offset: number): number {
+    if (!this.#nowait || buf.length === 0) return -1;
+    const iov = this.#iov;
+    iov[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
+    iov[1] = BigInt(buf.length);
+    const n = Number(libc().preadv2(this.fd, this.#iovBytes, 1, BigInt(offset), RWF_NOWAIT));
+    if (n >= 0) return n;
+    const err = errno();
+    // Kernels or filesystems without RWF_NOWAIT say EOPNOTSUPP/EINVAL: stop trying.
+    if (err !== EAGAIN) this.#nowait = false;
+    return -1;
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {

@@ -144,6 +144,8 @@ const COALESCE_LIMIT = 64 * 1024;
 export class ReplyWriter {
   #conn: ByteConn;
   #queue: Uint8Array[] = [];
+  /** Per queued reply: called once its bytes have been copied or written (buffer reuse). */
+  #release: ((buf: Uint8Array) => void)[] = [];
   #queued = 0;
   #pumping = false;
   #failed: unknown = undefined;
@@ -159,10 +161,17 @@ export class ReplyWriter {
     return this.#failed;
   }
 
-  /** Queue a reply. Write errors surface through `failed` and `drain()`. */
-  send(buf: Uint8Array): void {
-    if (this.#failed !== undefined) return;
+  /**
+   * Queue a reply. `release` is called with the buffer once it is no longer needed (written, or
+   * dropped after a failure). Write errors surface through `failed` and `drain()`.
+   */
+  send(buf: Uint8Array, release: (buf: Uint8Array) => void = noRelease): void {
+    if (this.#failed !== undefined) {
+      release(buf);
+      return;
+    }
     this.#queue.push(buf);
+    this.#release.push(release);
     this.#queued += buf.length;
     if (!this.#pumping) void this.#pump();
   }
@@ -182,29 +191,39 @@ export class ReplyWriter {
     this.#pumping = true;
     try {
       while (this.#queue.length > 0) {
-        let out: Uint8Array;
         const first = this.#queue[0]!;
         if (this.#queue.length > 1 && first.length < COALESCE_LIMIT) {
           // Merge consecutive small replies into the scratch buffer: one syscall for many.
           let n = 0;
           let k = 0;
           while (k < this.#queue.length && n + this.#queue[k]!.length <= this.#scratch.length) {
-            this.#scratch.set(this.#queue[k]!, n);
-            n += this.#queue[k]!.length;
+            const q = this.#queue[k]!;
+            this.#scratch.set(q, n);
+            n += q.length;
+            this.#release[k]!(q);
             k++;
           }
           this.#queue.splice(0, k);
-          out = this.#scratch.subarray(0, n);
+          this.#release.splice(0, k);
+          const out = this.#scratch.subarray(0, n);
+          this.#queued -= n;
+          await writeAll(this.#conn, out);
         } else {
           this.#queue.shift();
-          out = first;
+          const release = this.#release.shift()!;
+          this.#queued -= first.length;
+          try {
+            await writeAll(this.#conn, first);
+          } finally {
+            release(first);
+          }
         }
-        this.#queued -= out.length;
-        await writeAll(this.#conn, out);
       }
     } catch (e) {
       this.#failed = e;
+      this.#queue.forEach((q, i) => this.#release[i]!(q));
       this.#queue.length = 0;
+      this.#release.length = 0;
       this.#queued = 0;
     } finally {
       this.#pumping = false;
@@ -214,6 +233,8 @@ export class ReplyWriter {
     }
   }
 }
+
+function noRelease(_buf: Uint8Array): void {}
 
 /** Write all of `buf`, looping over partial writes. */
 export async function writeAll(conn: ByteConn, buf: Uint8Array): Promise<void> {

@@ -35,6 +35,7 @@ import {
   nbdErrno,
 } from "./constants.ts";
 import { BufferedReader, type ByteConn, ReplyWriter } from "./conn_io.ts";
+import { bufferPool } from "./buffer_pool.ts";
 import { type ExportDescriptor, initialState, type Negotiated, step } from "./handshake.ts";
 import {
   allocDataChunk,
@@ -223,11 +224,16 @@ class Transmission {
             );
             break;
           }
-          payload = new Uint8Array(req.length);
-          if (!(await reader.readInto(payload, 0, req.length))) break;
+          const data = bufferPool.get(req.length);
+          payload = data;
+          if (!(await reader.readInto(data, 0, req.length))) {
+            bufferPool.put(data);
+            break;
+          }
         }
         const invalid = this.#validate(req);
         if (invalid !== undefined) {
+          if (payload) bufferPool.put(payload);
           this.#replyError(req.cookieHi, req.cookieLo, NBD_EINVAL, invalid);
           continue;
         }
@@ -300,6 +306,7 @@ class Transmission {
     this.#dispatch(type, flags, cookieHi, cookieLo, offset, length, payload)
       .catch((e) => this.#failed(type, cookieHi, cookieLo, e))
       .finally(() => {
+        if (payload) bufferPool.put(payload);
         this.#inFlight--;
         this.#inFlightBytes -= bytes;
         const wake = this.#slotFree;
@@ -357,16 +364,12 @@ class Transmission {
   ): Promise<void> {
     const dev = this.#dev;
     if (!this.#structured) {
-      const reply = allocSimpleReply(cookieHi, cookieLo, 0, length);
-      await dev.pread(reply.subarray(SIMPLE_DATA_OFFSET), offset);
-      return this.#writer.send(reply);
+      const reply = allocSimpleReply(cookieHi, cookieLo, 0, length, POOL_GET);
+      await readOrRelease(dev, reply.subarray(SIMPLE_DATA_OFFSET), offset, reply);
+      return this.#writer.send(reply, POOL_PUT);
     }
     if (length === 0) return this.#writer.send(encodeDoneChunk(cookieHi, cookieLo));
-    if (flags & NBD_CMD_FLAG_DF) {
-      const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true);
-      await dev.pread(reply.subarray(CHUNK_DATA_OFFSET), offset);
-      return this.#writer.send(reply);
-    }
+    if (flags & NBD_CMD_FLAG_DF) return await this.#readWhole(cookieHi, cookieLo, offset, length);
     // Sparse read as qemu does it: one chunk per extent, zero extents as OFFSET_HOLE.
     const ext = new ExtentList(1024);
     let covered = 0;
@@ -378,11 +381,7 @@ class Transmission {
       if (ext.full) break;
     }
     const pairs = ext.pairs;
-    if (!hasZero(pairs)) {
-      const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true);
-      await dev.pread(reply.subarray(CHUNK_DATA_OFFSET), offset);
-      return this.#writer.send(reply);
-    }
+    if (!hasZero(pairs)) return await this.#readWhole(cookieHi, cookieLo, offset, length);
     // Lay out every chunk in one buffer, then fill the data chunks concurrently.
     let total = 0;
     let pos = 0;
@@ -398,7 +397,7 @@ class Transmission {
       runs.push(pos, length - pos, 0);
       total += CHUNK_DATA_OFFSET + length - pos;
     }
-    const buf = new Uint8Array(total);
+    const buf = bufferPool.get(total);
     const reads: Promise<void>[] = [];
     let at = 0;
     for (let i = 0; i < runs.length; i += 3) {
@@ -419,8 +418,25 @@ class Transmission {
         at += CHUNK_DATA_OFFSET + len;
       }
     }
-    await Promise.all(reads);
-    this.#writer.send(buf);
+    try {
+      await Promise.all(reads);
+    } catch (e) {
+      bufferPool.put(buf);
+      throw e;
+    }
+    this.#writer.send(buf, POOL_PUT);
+  }
+
+  /** One OFFSET_DATA chunk covering the whole request. */
+  async #readWhole(
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+  ): Promise<void> {
+    const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true, POOL_GET);
+    await readOrRelease(this.#dev, reply.subarray(CHUNK_DATA_OFFSET), offset, reply);
+    this.#writer.send(reply, POOL_PUT);
   }
 
   async #blockStatus(
@@ -524,6 +540,24 @@ class Transmission {
       this.#log(e instanceof Error && e.stack ? e.stack : msg);
     }
     this.#replyError(cookieHi, cookieLo, nbdErrno(errno), msg);
+  }
+}
+
+const POOL_GET = (size: number) => bufferPool.get(size);
+const POOL_PUT = (buf: Uint8Array) => bufferPool.put(buf);
+
+/** Read into a pooled reply buffer, returning the buffer to the pool if the read fails. */
+async function readOrRelease(
+  dev: BlockDevice,
+  dest: Uint8Array,
+  offset: number,
+  whole: Uint8Array,
+): Promise<void> {
+  try {
+    await dev.pread(dest, offset);
+  } catch (e) {
+    bufferPool.put(whole);
+    throw e;
   }
 }
 

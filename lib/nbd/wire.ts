@@ -25,6 +25,10 @@ import {
 } from "./constants.ts";
 
 const encoder = new TextEncoder();
+
+function newBuffer(size: number): Uint8Array {
+  return new Uint8Array(size);
+}
 const decoder = new TextDecoder("utf-8", { fatal: true });
 
 /** A DataView over exactly the bytes of `b`. */
@@ -190,8 +194,9 @@ export function allocSimpleReply(
   cookieLo: number,
   error: number,
   dataLength: number,
+  alloc: (size: number) => Uint8Array = newBuffer,
 ): Uint8Array {
-  const b = new Uint8Array(NBD_SIMPLE_REPLY_SIZE + dataLength);
+  const b = alloc(NBD_SIMPLE_REPLY_SIZE + dataLength);
   const v = view(b);
   v.setUint32(0, NBD_SIMPLE_REPLY_MAGIC);
   v.setUint32(4, error);
@@ -234,8 +239,9 @@ export function allocDataChunk(
   offset: number,
   dataLength: number,
   done: boolean,
+  alloc: (size: number) => Uint8Array = newBuffer,
 ): Uint8Array {
-  const b = new Uint8Array(CHUNK_DATA_OFFSET + dataLength);
+  const b = alloc(CHUNK_DATA_OFFSET + dataLength);
   const v = view(b);
   setChunkHeader(
     v,
