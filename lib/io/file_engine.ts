@@ -24,12 +24,15 @@ import {
   SEEK_HOLE,
 } from "../../ffi/libc.ts";
 import { BlockError, Errno } from "../block/types.ts";
+import { DirectFileEngine } from "./direct_engine.ts";
 
 /** How an image file is opened. */
 export interface OpenOptions {
   readonly writable: boolean;
   /** O_DIRECT (qemu's cache.direct=on: --cache=none|directsync). */
   readonly direct?: boolean;
+  /** Use this already open descriptor instead of opening `path` (engines layered on one fd). */
+  readonly fd?: number;
 }
 
 /** Positional I/O on one open file. */
@@ -75,7 +78,7 @@ export class ThreadFileEngine implements FileEngine {
   constructor(path: string, options: OpenOptions) {
     this.path = path;
     const flags = (options.writable ? O_RDWR : O_RDONLY) | (options.direct ? O_DIRECT : 0);
-    this.fd = openFile(path, flags);
+    this.fd = options.fd ?? openFile(path, flags);
     // O_DIRECT bypasses the page cache, so a cached read can never hit.
     this.#nowait = !options.direct;
   }
@@ -210,7 +213,8 @@ export class ThreadFileEngine implements FileEngine {
   }
 }
 
-/** Open an image file with the default engine. */
+/** Open an image file: the O_DIRECT engine when asked for, else the thread engine. */
 export function openFileEngine(path: string, options: OpenOptions): FileEngine {
+  if (options.direct) return new DirectFileEngine(path, options.writable);
   return new ThreadFileEngine(path, options);
 }
