@@ -48,6 +48,7 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "aio",
   "discard",
   "detect-zeroes",
+  "allocation-depth",
   "fork",
   "pid-file",
   "verbose",

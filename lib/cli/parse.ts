@@ -557,7 +557,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.list, "-L/--list is not supported yet"],
   [(o) => o.snapshot, "-s/--snapshot is not supported yet"],
   [(o) => o.loadSnapshot !== undefined, "-l/--load-snapshot is not supported yet"],
-  [(o) => o.allocationDepth, "-A/--allocation-depth is not supported yet"],
   [(o) => o.bitmaps.length > 0, "-B/--bitmap is not supported yet"],
   [(o) => o.trace.length > 0, "-T/--trace is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
