@@ -11,6 +11,8 @@ import { CliError, formatCliError } from "./lib/cli/errors.ts";
 import { parseCommandLine, unsupportedOptions } from "./lib/cli/parse.ts";
 import type { ServerOptions } from "./lib/cli/options.ts";
 import { runServer } from "./lib/server.ts";
+import { formatExportList, listExports } from "./lib/nbd/list_client.ts";
+import { libc, O_RDWR, openFile } from "./ffi/libc.ts";
 
 const PROGRAM = "denbd";
 /** Set in the --fork child: it reports readiness on stdout and then stays quiet there. */
@@ -49,6 +51,7 @@ async function main(args: string[]): Promise<number> {
       break;
   }
   const options = command.options;
+  if (options.list) return await listMode(options);
   const unsupported = unsupportedOptions(options);
   if (unsupported.length > 0) {
     for (const msg of unsupported) printError(msg);
@@ -76,12 +79,56 @@ function describeStartError(e: unknown, options: ServerOptions): string {
   return msg;
 }
 
-/** In the --fork child: tell the parent we are listening, then detach stdout. */
+/** -L: list the exports of a running server (unix socket with -k, else TCP -b/-p). */
+async function listMode(options: ServerOptions): Promise<number> {
+  const address = options.socket !== undefined
+    ? { transport: "unix" as const, path: options.socket }
+    : { transport: "tcp" as const, hostname: options.bind, port: options.port };
+  try {
+    const text = formatExportList(await listExports(address));
+    await Deno.stdout.write(new TextEncoder().encode(text));
+    return 0;
+  } catch (e) {
+    printError(e instanceof Error ? e.message : String(e));
+    return 1;
+  }
+}
+
+/**
+ * Descriptors that refer to our standard streams: 0-2 and the copies Deno's runtime keeps of
+ * them (it duplicates stdio at start-up), recognised by device and inode, plus any pipe.
+ */
+function stdioDescriptors(): number[] {
+  const st = new Uint8Array(144);
+  const v = new DataView(st.buffer);
+  const identity = (fd: number): { id: string; fifo: boolean } | undefined => {
+    if (libc().fstat(fd, st) !== 0) return undefined;
+    const mode = v.getUint32(24, true);
+    return {
+      id: `${v.getBigUint64(0, true)}:${v.getBigUint64(8, true)}`,
+      fifo: (mode & 0o170000) === 0o010000,
+    };
+  };
+  const stdio = new Set([0, 1, 2].map(identity).filter((i) => i !== undefined).map((i) => i!.id));
+  const out = [0, 1, 2];
+  for (let fd = 3; fd < 1024; fd++) {
+    const i = identity(fd);
+    if (i !== undefined && (i.fifo || stdio.has(i.id))) out.push(fd);
+  }
+  return out;
+}
+
+/**
+ * In the --fork child: tell the parent we are listening, then point stdin, stdout and stderr at
+ * /dev/null as qemu-nbd's daemon does, so a caller capturing our output is not held open.
+ */
 function signalReady(): void {
   Deno.stdout.writeSync(new TextEncoder().encode("ready\n"));
   try {
-    Deno.stdout.close();
-  } catch { /* parent already gone */ }
+    const fd = openFile("/dev/null", O_RDWR);
+    for (const target of stdioDescriptors()) if (target !== fd) libc().dup2(fd, target);
+    libc().close(fd);
+  } catch { /* keep the descriptors we have */ }
 }
 
 /**

@@ -58,6 +58,10 @@ const SYMBOLS = {
   strerror: { parameters: ["i32"], result: "pointer" },
   // int ioctl(int fd, unsigned long request, ...) with an integer argument
   ioctl: { parameters: ["i32", "u64", "u64"], result: "i32" },
+  // int fstat(int fd, struct stat *buf) -- x86_64 layout: st_dev u64 @0, st_ino u64 @8, st_mode u32 @24
+  fstat: { parameters: ["i32", "buffer"], result: "i32" },
+  // int dup2(int oldfd, int newfd)
+  dup2: { parameters: ["i32", "i32"], result: "i32" },
   // int flock(int fd, int operation)
   flock: { parameters: ["i32", "i32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;

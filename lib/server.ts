@@ -70,11 +70,7 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
       io.error(`flush at exit failed: ${e instanceof Error ? e.message : e}`);
     }
     await device.close();
-    if (options.pidFile !== undefined) {
-      try {
-        Deno.removeSync(options.pidFile);
-      } catch { /* gone already */ }
-    }
+    // The pid file stays, as qemu-nbd leaves it.
   }
   return 0;
 }

@@ -49,6 +49,7 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "discard",
   "detect-zeroes",
   "allocation-depth",
+  "list",
   "fork",
   "pid-file",
   "verbose",

@@ -1,0 +1,278 @@
+/**
+ * qcow2 format driver (read-only for now): opens an image, its backing chain and external data
+ * file through a caller-supplied opener, and exposes it as a {@link BlockDevice} that reads, and
+ * reports base:allocation / qemu:allocation-depth, like qemu-nbd 7.2.
+ *
+ * Modules: `header.ts` (cluster 0), `entry.ts` (L1/L2/compressed decoding), `l2_cache.ts`,
+ * `compressed.ts` + `zstd.ts`, `snapshot.ts` (-l), `refcount.ts` (metadata-preallocation
+ * heuristic), `image.ts` (the device).
+ *
+ * @module
+ */
+
+import { isAbsolute } from "node:path";
+import type { FileEngine } from "../../io/file_engine.ts";
+import { type BlockDevice, BlockError, Errno } from "../types.ts";
+import {
+  hasQcow2Magic,
+  MAX_L1_BYTES,
+  parseHeader,
+  type Qcow2Header,
+  validateTable,
+} from "./header.ts";
+import { Qcow2Device, readZeroPadded } from "./image.ts";
+import {
+  MAX_SNAPSHOT_TABLE_BYTES,
+  parseSnapshotTable,
+  selectSnapshot,
+  type SnapshotEntry,
+  type SnapshotSelector,
+} from "./snapshot.ts";
+
+export { Qcow2Device } from "./image.ts";
+export type { Qcow2Header } from "./header.ts";
+export { parseSnapshotOptions, type SnapshotSelector } from "./snapshot.ts";
+
+/** Images above the one being opened, for loop detection and the depth limit. */
+export interface BackingChain {
+  /** Real paths of the images above, top first. */
+  readonly paths: readonly string[];
+}
+
+/** Options of {@link openQcow2}. */
+export interface Qcow2OpenOptions {
+  /**
+   * Open a backing file (or external data file) by resolved path and optional format; the caller
+   * supplies this so probing/raw drivers stay outside this module. Returns a BlockDevice.
+   * When it opens a qcow2 image it should pass `chain` on as {@link Qcow2OpenOptions.chain}, so
+   * a backing-file loop is reported instead of recursing.
+   */
+  openBacking(
+    path: string,
+    format: "raw" | "qcow2" | undefined,
+    chain: BackingChain,
+  ): Promise<BlockDevice>;
+  /**
+   * -l / --load-snapshot: internal snapshot to export (read-only). An object selects by ID
+   * and/or name exactly; a string is qemu-nbd's argument as given (`snapshot.id=..,snapshot.name=..`,
+   * or an ID-or-name tried as ID first).
+   */
+  snapshot?: SnapshotSelector | string;
+  /** l2-cache-size in bytes (qemu's default policy if undefined). */
+  l2CacheSize?: number;
+  /** Set by an `openBacking` implementation when opening a backing image (see there). */
+  chain?: BackingChain;
+}
+
+/** qemu's default L2 cache ceiling on Linux (DEFAULT_L2_CACHE_MAX_SIZE). */
+const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
+/** Longest backing chain accepted (qemu has no limit and exhausts memory on a loop). */
+export const MAX_CHAIN_DEPTH = 256;
+/** Opens in progress in this process: a backstop when `chain` is not passed along. */
+let opening = 0;
+
+/** True when `header` starts with the qcow2 magic (for format probing). */
+export function isQcow2(header: Uint8Array): boolean {
+  return hasQcow2Magic(header);
+}
+
+function realPath(path: string): string {
+  try {
+    return Deno.realPathSync(path);
+  } catch {
+    return path;
+  }
+}
+
+/** qemu's `path_has_protocol`: a colon before the first slash ("json:", "nbd:", ...). */
+function hasProtocol(name: string): boolean {
+  const colon = name.indexOf(":");
+  if (colon < 0) return false;
+  const slash = name.indexOf("/");
+  return slash < 0 || colon < slash;
+}
+
+/** Backing name → path: absolute as is, relative to the directory of the image naming it. */
+export function resolveBackingPath(imagePath: string, name: string): string {
+  if (isAbsolute(name)) return name;
+  // qemu's path_combine: the image's directory prefix as written, no normalisation.
+  const slash = imagePath.lastIndexOf("/");
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
+
+/**
+ * Open a qcow2 image read-only. Takes ownership of `file` (closed by the device's close, or here
+ * on failure). Errors are BlockErrors with qemu's wording where qemu has one.
+ */
+export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Promise<BlockDevice> {
+  const chain = options.chain?.paths ?? [];
+  const self = realPath(file.path);
+  const opened: BlockDevice[] = [];
+  opening++;
+  try {
+    if (chain.includes(self)) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Backing file loop detected: '${file.path}' is its own backing file (chain: ${
+          [...chain, self].join(" -> ")
+        })`,
+      );
+    }
+    if (chain.length >= MAX_CHAIN_DEPTH || opening > 4 * MAX_CHAIN_DEPTH) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Backing chain of '${file.path}' is deeper than ${MAX_CHAIN_DEPTH} images`,
+      );
+    }
+    const header = await readHeader(file);
+    if (header.cryptMethod !== 0) {
+      const how = header.cryptMethod === 1 ? "legacy AES-CBC" : "LUKS";
+      throw new BlockError(
+        Errno.ENOTSUP,
+        `'${file.path}' is encrypted (${how}); encrypted qcow2 images are not supported`,
+      );
+    }
+    const snapshots = header.nbSnapshots > 0 ? await readSnapshots(file, header) : [];
+    const l1 = await readL1(file, header, snapshots, options.snapshot);
+
+    const below: BackingChain = { paths: [...chain, self] };
+    let dataFile: BlockDevice | undefined;
+    if (header.dataFile !== undefined) {
+      // qemu 7.2 opens a relative data-file name from the current directory, not the image's.
+      dataFile = await options.openBacking(header.dataFile, "raw", below);
+      opened.push(dataFile);
+    }
+    let backing: BlockDevice | undefined;
+    if (header.backingFile !== undefined && header.backingFile !== "") {
+      backing = await openBackingFile(file.path, header, below, options);
+      opened.push(backing);
+    }
+
+    const { cacheBytes, sliceBytes } = l2CacheGeometry(header, options.l2CacheSize);
+    return new Qcow2Device({
+      file,
+      header,
+      l1,
+      backing,
+      dataFile,
+      l2CacheBytes: cacheBytes,
+      l2SliceBytes: sliceBytes,
+    });
+  } catch (e) {
+    for (const d of opened) await d.close().catch(() => {});
+    file.close();
+    throw e;
+  } finally {
+    opening--;
+  }
+}
+
+async function openBackingFile(
+  imagePath: string,
+  header: Qcow2Header,
+  below: BackingChain,
+  options: Qcow2OpenOptions,
+): Promise<BlockDevice> {
+  const name = header.backingFile!;
+  if (hasProtocol(name)) {
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `Backing file '${name}' of '${imagePath}' uses a protocol prefix, which is not supported`,
+    );
+  }
+  const fmt = header.backingFormat;
+  if (fmt !== undefined && fmt !== "raw" && fmt !== "qcow2") {
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `Backing file '${name}' of '${imagePath}' has format '${fmt}', which is not supported`,
+    );
+  }
+  const path = resolveBackingPath(imagePath, name);
+  if (below.paths.includes(realPath(path))) {
+    throw new BlockError(
+      Errno.EINVAL,
+      `Backing file loop detected: '${imagePath}' has backing file '${name}', which is above it in the chain`,
+    );
+  }
+  return await options.openBacking(path, fmt, below);
+}
+
+async function readHeader(file: FileEngine): Promise<Qcow2Header> {
+  const head = new Uint8Array(512);
+  await readZeroPadded(file, head, 0);
+  if (!hasQcow2Magic(head)) throw new BlockError(Errno.EINVAL, "Image is not in qcow2 format");
+  const bits = new DataView(head.buffer).getUint32(20);
+  if (bits < 9 || bits > 21) {
+    throw new BlockError(Errno.EINVAL, `Unsupported cluster size: 2^${bits}`);
+  }
+  const cluster0 = new Uint8Array(1 << bits);
+  await readZeroPadded(file, cluster0, 0);
+  return parseHeader(cluster0);
+}
+
+async function readSnapshots(file: FileEngine, h: Qcow2Header): Promise<SnapshotEntry[]> {
+  // Grow the buffer until the table fits (entries are variable-length), capped like qemu.
+  let size = Math.min(64 * 1024, MAX_SNAPSHOT_TABLE_BYTES);
+  for (;;) {
+    const buf = new Uint8Array(size);
+    await readZeroPadded(file, buf, h.snapshotsOffset);
+    const complete = size >= MAX_SNAPSHOT_TABLE_BYTES;
+    const entries = parseSnapshotTable(buf, h.nbSnapshots, complete);
+    if (entries !== undefined) return entries;
+    size = Math.min(size * 4, MAX_SNAPSHOT_TABLE_BYTES);
+  }
+}
+
+async function readL1(
+  file: FileEngine,
+  h: Qcow2Header,
+  snapshots: readonly SnapshotEntry[],
+  sel: SnapshotSelector | string | undefined,
+): Promise<Uint32Array> {
+  let offset = h.l1TableOffset;
+  let entries = h.l1Size;
+  if (sel !== undefined) {
+    const i = selectSnapshot(snapshots, sel);
+    if (i < 0) throw new BlockError(Errno.ENOENT, "Failed to load snapshot: Can't find snapshot");
+    const sn = snapshots[i]!;
+    try {
+      validateTable(
+        sn.l1TableOffset,
+        sn.l1Size,
+        8,
+        MAX_L1_BYTES,
+        h.clusterSize,
+        "Snapshot L1 table",
+      );
+    } catch (e) {
+      throw new BlockError(
+        (e as BlockError).errno,
+        `Failed to load snapshot: ${(e as Error).message}`,
+      );
+    }
+    offset = sn.l1TableOffset;
+    entries = sn.l1Size;
+  }
+  const bytes = new Uint8Array(entries * 8);
+  await readZeroPadded(file, bytes, offset);
+  const view = new DataView(bytes.buffer);
+  const words = new Uint32Array(entries * 2);
+  for (let i = 0; i < words.length; i++) words[i] = view.getUint32(i * 4);
+  return words;
+}
+
+/**
+ * qemu's `read_cache_sizes` default: enough to map the whole disk, at most 32 MiB; 4 KiB slices
+ * when that does not cover the whole disk, whole tables otherwise.
+ */
+export function l2CacheGeometry(
+  h: Qcow2Header,
+  requested: number | undefined,
+): { cacheBytes: number; sliceBytes: number } {
+  const entryBytes = h.extendedL2 ? 16 : 8;
+  const clusters = Math.ceil(h.size / h.clusterSize);
+  const whole = Math.ceil((clusters * entryBytes) / h.clusterSize) * h.clusterSize;
+  const cacheBytes = requested ?? Math.min(whole, DEFAULT_L2_CACHE_MAX);
+  const sliceBytes = cacheBytes < whole ? Math.min(h.clusterSize, 4096) : h.clusterSize;
+  return { cacheBytes, sliceBytes };
+}

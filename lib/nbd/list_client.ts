@@ -1,0 +1,210 @@
+/**
+ * `-L` / `--list`: connect to an NBD server as a client, list its exports with their size, flags,
+ * block sizes and meta contexts, and print them in qemu-nbd 7.2's layout.
+ *
+ * @module
+ */
+
+import {
+  IHAVEOPT,
+  NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES,
+  NBD_INFO_BLOCK_SIZE,
+  NBD_INFO_DESCRIPTION,
+  NBD_INFO_EXPORT,
+  NBD_OPT_ABORT,
+  NBD_OPT_INFO,
+  NBD_OPT_LIST,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_REPLY_MAGIC,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK,
+  NBD_REP_INFO,
+  NBD_REP_META_CONTEXT,
+  NBD_REP_SERVER,
+  NBDMAGIC,
+} from "./constants.ts";
+import { BufferedReader, writeAll } from "./conn_io.ts";
+import type { ListenAddress } from "./listener.ts";
+import { utf8, view } from "./wire.ts";
+
+/** One export as a listing shows it. */
+export interface ListedExport {
+  name: string;
+  description: string;
+  size: number;
+  flags: number;
+  minBlock: number;
+  optBlock: number;
+  maxBlock: number;
+  contexts: string[];
+}
+
+/** Flag names by bit, as qemu-nbd -L prints them. */
+const FLAG_NAMES: [number, string][] = [
+  [1, "readonly"],
+  [2, "flush"],
+  [3, "fua"],
+  [4, "rotational"],
+  [5, "trim"],
+  [6, "zeroes"],
+  [7, "df"],
+  [8, "multi"],
+  [9, "resize"],
+  [10, "cache"],
+  [11, "fast-zero"],
+];
+
+/** The listing in qemu-nbd 7.2's format. */
+export function formatExportList(list: readonly ListedExport[]): string {
+  let s = `exports available: ${list.length}\n`;
+  for (const e of list) {
+    s += ` export: '${e.name}'\n`;
+    if (e.description !== "") s += `  description: ${e.description}\n`;
+    s += `  size:  ${e.size}\n`;
+    const names = FLAG_NAMES.filter(([bit]) => e.flags & (1 << bit)).map(([, n]) => ` ${n}`).join(
+      "",
+    );
+    s += `  flags: 0x${e.flags.toString(16)} (${names} )\n`;
+    if (e.minBlock !== 0) {
+      s += `  min block: ${e.minBlock}\n  opt block: ${e.optBlock}\n  max block: ${e.maxBlock}\n`;
+    }
+    if (e.contexts.length > 0) {
+      s += `  available meta contexts: ${e.contexts.length}\n`;
+      for (const c of e.contexts) s += `   ${c}\n`;
+    }
+  }
+  return s;
+}
+
+const decoder = new TextDecoder();
+
+/** A minimal option-phase client over one connection. */
+class OptionClient {
+  readonly #conn: Deno.Conn;
+  readonly #reader: BufferedReader;
+
+  constructor(conn: Deno.Conn) {
+    this.#conn = conn;
+    this.#reader = new BufferedReader(conn);
+  }
+
+  async greet(): Promise<void> {
+    const hello = await this.#take(18);
+    const v = view(hello);
+    if (v.getBigUint64(0) !== NBDMAGIC || v.getBigUint64(8) !== IHAVEOPT) {
+      throw new Error("Server is not a fixed-newstyle NBD server");
+    }
+    const flags = new Uint8Array(4);
+    view(flags).setUint32(0, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+    await writeAll(this.#conn, flags);
+  }
+
+  async send(option: number, data: Uint8Array = new Uint8Array()): Promise<void> {
+    const b = new Uint8Array(16 + data.length);
+    const v = view(b);
+    v.setBigUint64(0, IHAVEOPT);
+    v.setUint32(8, option);
+    v.setUint32(12, data.length);
+    b.set(data, 16);
+    await writeAll(this.#conn, b);
+  }
+
+  /** Next option reply: its type and payload. */
+  async reply(option: number): Promise<{ type: number; data: Uint8Array }> {
+    const h = view(await this.#take(20));
+    if (h.getBigUint64(0) !== NBD_OPT_REPLY_MAGIC || h.getUint32(8) !== option) {
+      throw new Error("Unexpected option reply from server");
+    }
+    const len = h.getUint32(16);
+    if (len > 64 * 1024 * 1024) throw new Error("Option reply too large");
+    return { type: h.getUint32(12), data: await this.#take(len) };
+  }
+
+  async #take(n: number): Promise<Uint8Array> {
+    if (!(await this.#reader.fill(n))) throw new Error("Server closed the connection");
+    const out = this.#reader.peek().slice(0, n);
+    this.#reader.skip(n);
+    return out;
+  }
+}
+
+function nameQuery(name: string, extra: Uint8Array): Uint8Array {
+  const n = utf8(name);
+  const b = new Uint8Array(4 + n.length + extra.length);
+  view(b).setUint32(0, n.length);
+  b.set(n, 4);
+  b.set(extra, 4 + n.length);
+  return b;
+}
+
+/** Connect, list every export with its details, and say goodbye. */
+export async function listExports(address: ListenAddress): Promise<ListedExport[]> {
+  const conn = address.transport === "unix"
+    ? await Deno.connect({ transport: "unix", path: address.path })
+    : await Deno.connect({ transport: "tcp", hostname: address.hostname, port: address.port });
+  try {
+    const c = new OptionClient(conn);
+    await c.greet();
+    await c.send(NBD_OPT_STRUCTURED_REPLY);
+    const structured = (await c.reply(NBD_OPT_STRUCTURED_REPLY)).type === NBD_REP_ACK;
+
+    await c.send(NBD_OPT_LIST);
+    const list: ListedExport[] = [];
+    for (let i = 0; i < 1_000_000; i++) {
+      const r = await c.reply(NBD_OPT_LIST);
+      if (r.type === NBD_REP_ACK) break;
+      if (r.type !== NBD_REP_SERVER) {
+        throw new Error(`Server does not support listing exports (reply 0x${r.type.toString(16)})`);
+      }
+      const len = view(r.data).getUint32(0);
+      list.push({
+        name: decoder.decode(r.data.subarray(4, 4 + len)),
+        description: decoder.decode(r.data.subarray(4 + len)),
+        size: 0,
+        flags: 0,
+        minBlock: 0,
+        optBlock: 0,
+        maxBlock: 0,
+        contexts: [],
+      });
+    }
+
+    for (const e of list) {
+      const req = new Uint8Array(4);
+      view(req).setUint16(0, 1);
+      view(req).setUint16(2, NBD_INFO_BLOCK_SIZE);
+      await c.send(NBD_OPT_INFO, nameQuery(e.name, req));
+      for (let i = 0; i < 1000; i++) {
+        const r = await c.reply(NBD_OPT_INFO);
+        if (r.type !== NBD_REP_INFO) break; // ACK, or an error: keep what we have
+        const v = view(r.data);
+        const t = v.getUint16(0);
+        if (t === NBD_INFO_EXPORT && r.data.length >= 12) {
+          e.size = Number(v.getBigUint64(2));
+          e.flags = v.getUint16(10);
+        } else if (t === NBD_INFO_BLOCK_SIZE && r.data.length >= 14) {
+          e.minBlock = v.getUint32(2);
+          e.optBlock = v.getUint32(6);
+          e.maxBlock = v.getUint32(10);
+        } else if (t === NBD_INFO_DESCRIPTION && e.description === "") {
+          e.description = decoder.decode(r.data.subarray(2));
+        }
+      }
+      if (structured) {
+        await c.send(NBD_OPT_LIST_META_CONTEXT, nameQuery(e.name, new Uint8Array(4)));
+        for (let i = 0; i < 1_000_000; i++) {
+          const r = await c.reply(NBD_OPT_LIST_META_CONTEXT);
+          if (r.type !== NBD_REP_META_CONTEXT) break;
+          e.contexts.push(decoder.decode(r.data.subarray(4)));
+        }
+      }
+    }
+    await c.send(NBD_OPT_ABORT);
+    return list;
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed */ }
+  }
+}

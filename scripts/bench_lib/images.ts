@@ -1,0 +1,78 @@
+/**
+ * Benchmark images: dense files of pseudo-random bytes (so no server or client can skip work by
+ * detecting zeroes), one private copy per server instance, and page-cache warming.
+ *
+ * @module
+ */
+
+import { runClient } from "./proc.ts";
+import type { ImageFormat } from "./types.ts";
+
+const CHUNK = 8 << 20;
+
+/**
+ * Makes `path` a dense file of `bytes` pseudo-random bytes from `seed`, unless a file of that size
+ * already exists (it is reused across runs). Returns true if it had to be created.
+ */
+export async function ensureDenseFile(path: string, bytes: number, seed: number): Promise<boolean> {
+  try {
+    if ((await Deno.stat(path)).size === bytes) return false;
+  } catch {
+    // Missing: create it below.
+  }
+  if (bytes % CHUNK !== 0) throw new Error(`Image size ${bytes} is not a multiple of ${CHUNK}`);
+  const tmp = `${path}.tmp`;
+  const file = await Deno.open(tmp, { write: true, create: true, truncate: true });
+  try {
+    const words = new Uint32Array(CHUNK / 4);
+    const buf = new Uint8Array(words.buffer);
+    // xorshift32 never yields a zero state, so no 4-byte word run can make a zero block.
+    let x = (seed >>> 0) || 1;
+    for (let done = 0; done < bytes; done += CHUNK) {
+      for (let i = 0; i < words.length; i++) {
+        x ^= x << 13;
+        x ^= x >>> 17;
+        x ^= x << 5;
+        words[i] = x >>> 0;
+      }
+      for (let off = 0; off < buf.length;) off += await file.write(buf.subarray(off));
+    }
+  } finally {
+    file.close();
+  }
+  await Deno.rename(tmp, path);
+  return true;
+}
+
+/**
+ * Writes a fresh private copy of the raw `master` to `dest` in `format`, so that no server sees
+ * another's writes (a qcow2 server caches metadata, so sharing a file would be unsafe).
+ */
+export async function prepareImage(
+  master: string,
+  dest: string,
+  format: ImageFormat,
+): Promise<void> {
+  await Deno.remove(dest).catch(() => {});
+  switch (format) {
+    case "raw":
+      await Deno.copyFile(master, dest);
+      return;
+    case "qcow2":
+      await runClient(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", master, dest]);
+      return;
+  }
+}
+
+/** Reads `path` once so that it sits in the page cache before anything is timed. */
+export async function warmPageCache(path: string): Promise<void> {
+  const file = await Deno.open(path, { read: true });
+  try {
+    const buf = new Uint8Array(CHUNK);
+    while ((await file.read(buf)) !== null) {
+      // Discard: only the page-cache side effect matters.
+    }
+  } finally {
+    file.close();
+  }
+}

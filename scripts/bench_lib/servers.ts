@@ -1,0 +1,228 @@
+/**
+ * The servers under test and their lifecycle: start one on a unix socket, wait until the socket
+ * accepts a connection, read its CPU time and peak RSS, stop it.
+ *
+ * All servers run with `-e 0` (or nbdkit's unlimited default) so that they accept any number of
+ * clients and may advertise NBD_FLAG_CAN_MULTI_CONN, which lets nbdcopy open several connections.
+ *
+ * @module
+ */
+
+import {
+  readCpuSeconds,
+  readPeakRssKiB,
+  settlesWithin,
+  sleep,
+  spawnTracked,
+  tail,
+} from "./proc.ts";
+import type { ServerDef, ServeTarget } from "./types.ts";
+
+/** denbd's entry point, found relative to this file so the script runs from any directory. */
+const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
+
+/** Same permissions as `deno task start`. */
+const DENO_PERMISSIONS = [
+  "--allow-read",
+  "--allow-write",
+  "--allow-net",
+  "--allow-ffi",
+  "--allow-env",
+  "--allow-run",
+];
+
+/** Every server the benchmark knows. The first three are the required columns. */
+export const SERVER_DEFS: readonly ServerDef[] = [
+  {
+    id: "denbd",
+    label: "denbd",
+    formats: ["raw", "qcow2"],
+    argv: (t) => [
+      Deno.execPath(),
+      "run",
+      ...DENO_PERMISSIONS,
+      DENBD_MAIN,
+      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0", t.image],
+    ],
+    unavailable: () => {
+      try {
+        Deno.statSync(DENBD_MAIN);
+        return undefined;
+      } catch {
+        return `${DENBD_MAIN} not found`;
+      }
+    },
+  },
+  {
+    id: "qemu-nbd",
+    label: "qemu-nbd",
+    formats: ["raw", "qcow2"],
+    // qemu-nbd's own defaults, spelled out.
+    argv: (t) => [
+      "qemu-nbd",
+      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0"],
+      ...["--cache=writeback", "--aio=threads", t.image],
+    ],
+  },
+  {
+    id: "nbdkit",
+    label: "nbdkit",
+    formats: ["raw"],
+    // -f: stay in the foreground so the PID we hold is the server; default 16 threads.
+    argv: (t) => ["nbdkit", "-f", "--exit-with-parent", "-U", t.socket, "file", t.image],
+  },
+  {
+    id: "qemu-nbd-io_uring",
+    label: "qemu-nbd (aio=io_uring)",
+    formats: ["raw", "qcow2"],
+    argv: (t) => [
+      "qemu-nbd",
+      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0"],
+      ...["--cache=writeback", "--aio=io_uring", t.image],
+    ],
+  },
+];
+
+/** A running server, or the reason it is not running. */
+export class ServerHandle {
+  readonly def: ServerDef;
+  readonly target: ServeTarget;
+  readonly logFile: string;
+  readonly argv: readonly string[];
+  #child: Deno.ChildProcess | undefined;
+  #exit: string | undefined;
+  #outputTail = "";
+  #pumps: Promise<void>[] = [];
+  #peakRssKiB = 0;
+  /** Why the server is not usable (did not start, or exited), or undefined while it runs. */
+  failure: string | undefined;
+
+  private constructor(def: ServerDef, target: ServeTarget, logFile: string) {
+    this.def = def;
+    this.target = target;
+    this.logFile = logFile;
+    this.argv = def.argv(target);
+    const why = def.unavailable?.();
+    if (why) this.failure = `did not start: ${why}`;
+  }
+
+  /**
+   * Starts `def` on `target` and waits up to `timeoutMs` for its socket to accept a connection.
+   * Never throws: a server that cannot start comes back with `failure` set.
+   */
+  static async start(
+    def: ServerDef,
+    target: ServeTarget,
+    opts: { logFile: string; timeoutMs: number },
+  ): Promise<ServerHandle> {
+    const h = new ServerHandle(def, target, opts.logFile);
+    if (h.failure) return h;
+    await Deno.remove(target.socket).catch(() => {});
+    try {
+      h.#child = spawnTracked(h.argv, { stdout: "piped", stderr: "piped" });
+    } catch (e) {
+      h.failure = `did not start: cannot run ${h.argv[0]}: ${(e as Error).message}`;
+      return h;
+    }
+    const log = await Deno.open(opts.logFile, { write: true, create: true, truncate: true });
+    h.#pumps = [h.#pump(h.#child.stdout, log), h.#pump(h.#child.stderr, log)];
+    Promise.all(h.#pumps).finally(() => log.close());
+    h.#child.status.then((s) => {
+      h.#exit = s.signal ? `killed by ${s.signal}` : `exited with code ${s.code}`;
+    });
+    const why = await h.#waitForSocket(opts.timeoutMs);
+    if (why) {
+      h.failure = `did not start: ${why}`;
+      await h.stop();
+    }
+    return h;
+  }
+
+  /** Copies a child stream into the log file and keeps its tail for error messages. */
+  async #pump(stream: ReadableStream<Uint8Array>, log: Deno.FsFile): Promise<void> {
+    const dec = new TextDecoder();
+    try {
+      for await (const chunk of stream) {
+        for (let off = 0; off < chunk.length;) off += await log.write(chunk.subarray(off));
+        this.#outputTail = (this.#outputTail + dec.decode(chunk, { stream: true })).slice(-2000);
+      }
+    } catch {
+      // The stream ends when the child dies; nothing to report beyond the exit status.
+    }
+  }
+
+  async #waitForSocket(timeoutMs: number): Promise<string | undefined> {
+    const deadline = performance.now() + timeoutMs;
+    let lastError = "";
+    while (performance.now() < deadline) {
+      if (this.#exit) {
+        await Promise.all(this.#pumps);
+        return `${this.#exit}: ${tail(this.#outputTail, 300) || "no output"}`;
+      }
+      try {
+        const conn = await Deno.connect({ transport: "unix", path: this.target.socket });
+        conn.close();
+        return undefined;
+      } catch (e) {
+        lastError = (e as Error).message;
+      }
+      await sleep(50);
+    }
+    return `socket ${this.target.socket} did not accept a connection within ${timeoutMs} ms ` +
+      `(last error: ${lastError}; output: ${tail(this.#outputTail, 200) || "none"})`;
+  }
+
+  /** PID of the running server; throws (and records `failure`) if it has exited. */
+  pid(): number {
+    if (this.failure) throw new Error(this.failure);
+    if (this.#exit || !this.#child) {
+      this.failure = `server ${this.#exit ?? "is not running"}: ${tail(this.#outputTail, 300)}`;
+      throw new Error(this.failure);
+    }
+    return this.#child.pid;
+  }
+
+  /** CPU seconds the server has used so far; also samples its peak RSS while it is alive. */
+  async cpuSeconds(): Promise<number> {
+    const pid = this.pid();
+    await this.#samplePeakRss(pid);
+    return await readCpuSeconds(pid);
+  }
+
+  /** Largest VmHWM seen, in KiB (0 if never sampled). */
+  get peakRssKiB(): number {
+    return this.#peakRssKiB;
+  }
+
+  async #samplePeakRss(pid: number): Promise<void> {
+    try {
+      this.#peakRssKiB = Math.max(this.#peakRssKiB, await readPeakRssKiB(pid));
+    } catch {
+      // The process is exiting; keep the last value.
+    }
+  }
+
+  /** Stops the server: SIGTERM, then SIGKILL after 5 s; removes its socket. Idempotent. */
+  async stop(): Promise<void> {
+    const child = this.#child;
+    if (child && !this.#exit) {
+      await this.#samplePeakRss(child.pid);
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already exited.
+      }
+      if (!await settlesWithin(child.status, 5000)) {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // Exited meanwhile.
+        }
+        await child.status;
+      }
+    }
+    if (child) await child.status;
+    await Promise.all(this.#pumps);
+    await Deno.remove(this.target.socket).catch(() => {});
+  }
+}

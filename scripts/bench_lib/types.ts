@@ -1,0 +1,70 @@
+/**
+ * Shapes shared by the benchmark modules: what a server is, what a row is, and what one
+ * measurement yields. Adding a server or a row means adding one entry to `servers.ts` or
+ * `rows.ts`; nothing else needs to change.
+ *
+ * @module
+ */
+
+/** Image formats the benchmark can prepare. */
+export type ImageFormat = "raw" | "qcow2";
+
+/** Where a server instance runs and what it serves. */
+export interface ServeTarget {
+  /** Unix socket path the server must listen on (it must not exist yet). */
+  readonly socket: string;
+  /** Image file, private to this server instance. */
+  readonly image: string;
+  /** Format of `image`. */
+  readonly format: ImageFormat;
+}
+
+/** One NBD server under test. */
+export interface ServerDef {
+  /** Stable key used in JSON and on the command line (`--servers`). */
+  readonly id: string;
+  /** Column heading. */
+  readonly label: string;
+  /** Formats this server is benchmarked on; rows of other formats show "—". */
+  readonly formats: readonly ImageFormat[];
+  /** argv (program first) that serves `target` in the foreground until killed. */
+  readonly argv: (target: ServeTarget) => string[];
+  /** Why the server cannot run here (e.g. its entry file is missing), or undefined if it can. */
+  readonly unavailable?: () => string | undefined;
+}
+
+/** Everything a row needs to run its client once against one server. */
+export interface RowContext {
+  /** NBD URI of the server, e.g. `nbd+unix:///?socket=/tmp/x.sock`. */
+  readonly uri: string;
+  /** Size of the exported image in bytes. */
+  readonly imageBytes: number;
+  /** Local dense file of `imageBytes` bytes, used as the source of write rows. */
+  readonly sourceFile: string;
+  /** Seconds a time-based (fio) run lasts. */
+  readonly runtimeSeconds: number;
+}
+
+/** What one client run measured. */
+export interface Sample {
+  /** The row's figure of merit, in the row's unit. */
+  readonly value: number;
+  /** Bytes moved across NBD (read + written), for CPU-per-GiB. */
+  readonly bytes: number;
+  /** Wall-clock seconds the client ran. */
+  readonly seconds: number;
+}
+
+/** One benchmark row. */
+export interface RowDef {
+  /** Stable key used in JSON and on the command line (`--rows`). */
+  readonly id: string;
+  /** Row heading in the table. */
+  readonly title: string;
+  /** Format of the image the row runs on. */
+  readonly format: ImageFormat;
+  /** Unit of `Sample.value`; higher is better for every unit. */
+  readonly unit: "MiB/s" | "IOPS";
+  /** Runs the client once; throws an Error with context when the client fails. */
+  readonly run: (ctx: RowContext) => Promise<Sample>;
+}
