@@ -5,6 +5,7 @@
  * ```
  * read-only ─▶ detect-zeroes ─▶ cache mode ─▶ discard policy ─▶ FUA emulation
  *           ─▶ block-0 guard (probed raw) ─▶ raw (offset/size) ─▶ file engine
+ *           ─▶ [writes not supported yet] ─▶ offset (-o) ─▶ qcow2 ─▶ file engine (+ backing chain)
  * ```
  *
  * @module
@@ -19,7 +20,10 @@ import { FuaEmulationFilter } from "./filters/fua.ts";
 import { ProbeGuardFilter } from "./filters/probe_guard.ts";
 import { ReadOnlyFilter } from "./filters/read_only.ts";
 import { RawDevice } from "./raw.ts";
-import { type BlockDevice, BlockError, Errno } from "./types.ts";
+import type { BlockDevice } from "./types.ts";
+import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
+import { OffsetFilter } from "./filters/offset.ts";
+import { WritesUnsupportedFilter } from "./filters/writes_unsupported.ts";
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
@@ -47,15 +51,32 @@ export async function openExportStack(
   const writable = !options.readOnly;
   const direct = options.cache === "none" || options.cache === "directsync";
   const file = openFileEngine(image.filename, { writable, direct });
+  let format: "raw" | "qcow2";
   try {
-    const format = image.format ?? await probeFormat(file);
-    const probed = image.format === undefined;
-    if (format === "qcow2") {
-      throw new BlockError(
-        Errno.ENOTSUP,
-        `'${image.filename}': qcow2 images are not supported yet`,
-      );
+    format = image.format ?? await probeFormat(file);
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+  const probed = image.format === undefined;
+  if (format === "qcow2") {
+    // openQcow2 owns the file from here on (it closes it if opening fails).
+    let dev = await openQcow2(file, {
+      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, direct),
+      snapshot: options.loadSnapshot,
+    });
+    if (image.offset !== 0 || image.size !== undefined) {
+      dev = new OffsetFilter(dev, image.offset, image.size);
     }
+    if (writable) {
+      warn(
+        `WARNING: qcow2 writes are not supported yet: write requests to '${image.filename}' will fail with EPERM`,
+      );
+      dev = new WritesUnsupportedFilter(dev, "qcow2");
+    }
+    return { device: applyFilters(dev, options), format, probed: false };
+  }
+  try {
     if (probed) {
       warn(
         `WARNING: Image format was not specified for '${image.filename}' and probing guessed raw.\n` +
@@ -73,6 +94,38 @@ export async function openExportStack(
     });
     if (probed && writable) dev = new ProbeGuardFilter(dev);
     return { device: applyFilters(dev, options), format, probed };
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+}
+
+/**
+ * Open a backing file (or external data file) read-only: the format given by the image, else
+ * probed. Every image of a chain goes through here, so qcow2 backing files get their own chain.
+ */
+async function openBackingImage(
+  path: string,
+  format: "raw" | "qcow2" | undefined,
+  chain: BackingChain,
+  direct: boolean,
+): Promise<BlockDevice> {
+  const file = openFileEngine(path, { writable: false, direct });
+  let fmt: "raw" | "qcow2";
+  try {
+    fmt = format ?? await probeFormat(file);
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+  if (fmt === "qcow2") {
+    return await openQcow2(file, {
+      openBacking: (p, f, c) => openBackingImage(p, f, c, direct),
+      chain,
+    });
+  }
+  try {
+    return new RawDevice(file, { writable: false, offset: 0, size: undefined, minBlock: 1 });
   } catch (e) {
     file.close();
     throw e;

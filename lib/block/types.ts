@@ -195,6 +195,12 @@ export class Filter implements BlockDevice {
   extents(offset: number, length: number, out: ExtentList): Promise<void> {
     return this.next.extents(offset, length, out);
   }
+  /** Forwarded; a layer below with no backing chain reports depth 1 everywhere. */
+  allocationDepth(offset: number, length: number, out: ExtentList): Promise<void> {
+    if (this.next.allocationDepth) return this.next.allocationDepth(offset, length, out);
+    out.add(length, 1);
+    return Promise.resolve();
+  }
   close(): Promise<void> {
     return this.next.close();
   }

@@ -50,6 +50,7 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "detect-zeroes",
   "allocation-depth",
   "list",
+  "load-snapshot",
   "fork",
   "pid-file",
   "verbose",

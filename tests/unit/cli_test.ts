@@ -344,7 +344,7 @@ Deno.test("cli: argument count and mode checks", () => {
   const list = serve(["-L", "-o", "0", "-l", "snapshot.id=1", "-r", "-b", "127.0.0.1"]);
   assert.equal(list.list, true);
   assert.equal(list.image.filename, "");
-  assert.deepEqual(unsupportedOptions(list), ["-l/--load-snapshot is not supported yet"]);
+  assert.deepEqual(unsupportedOptions(list), []);
   rejects(["--tls-authz=a", "f"], "--tls-authz is not permitted without --tls-creds");
   rejects(["--tls-hostname=h", "f"], "--tls-hostname is not permitted without --tls-creds");
   rejects(
