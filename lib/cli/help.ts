@@ -190,8 +190,8 @@ const SECTIONS: readonly HelpSection[] = [
         usage: "-l, --load-snapshot=SNAPSHOT_PARAM",
         text: [
           "export an internal snapshot of FILE, read-only;",
-          "SNAPSHOT_PARAM is 'snapshot.id=[ID],snapshot.name=[NAME]'",
-          "or '[ID_OR_NAME]'",
+          "SNAPSHOT_PARAM is 'snapshot.id=[ID],",
+          "snapshot.name=[NAME]' or '[ID_OR_NAME]'",
         ],
       },
       {
