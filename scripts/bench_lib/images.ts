@@ -61,6 +61,42 @@ export async function prepareImage(
     case "qcow2":
       await runClient(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", master, dest]);
       return;
+    case "qcow2-compressed": {
+      // Random data does not compress (qemu would store the clusters plain), so compress a copy
+      // whose every 4 KiB block keeps 1 KiB of the random bytes: ~4:1, and no zero blocks.
+      const src = `${dest}.src`;
+      await writeCompressibleCopy(master, src);
+      try {
+        await runClient(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, dest]);
+      } finally {
+        await Deno.remove(src).catch(() => {});
+      }
+      return;
+    }
+  }
+}
+
+/** Copies `master` to `dest` with bytes 1024..4095 of every 4 KiB block zeroed. */
+async function writeCompressibleCopy(master: string, dest: string): Promise<void> {
+  const input = await Deno.open(master, { read: true });
+  const output = await Deno.open(dest, { write: true, create: true, truncate: true });
+  try {
+    const buf = new Uint8Array(CHUNK);
+    for (;;) {
+      let n = 0;
+      while (n < buf.length) {
+        const r = await input.read(buf.subarray(n));
+        if (r === null) break;
+        n += r;
+      }
+      if (n === 0) break;
+      for (let b = 0; b < n; b += 4096) buf.fill(0, b + 1024, Math.min(b + 4096, n));
+      for (let off = 0; off < n;) off += await output.write(buf.subarray(off, n));
+      if (n < buf.length) break;
+    }
+  } finally {
+    input.close();
+    output.close();
   }
 }
 

@@ -126,4 +126,9 @@ export const ROW_DEFS: readonly RowDef[] = [
   nbdcopyRow({ direction: "write" }),
   fioRow({ rw: "randread" }),
   fioRow({ rw: "randwrite" }),
+  // qcow2 rows: reads only until the qcow2 write path lands.
+  nbdcopyRow({ direction: "read", format: "qcow2" }),
+  fioRow({ rw: "randread", format: "qcow2" }),
+  nbdcopyRow({ direction: "read", format: "qcow2-compressed" }),
+  fioRow({ rw: "randread", format: "qcow2-compressed" }),
 ];

@@ -17,6 +17,7 @@ import {
   tail,
 } from "./proc.ts";
 import type { ServerDef, ServeTarget } from "./types.ts";
+import { driverOf } from "./types.ts";
 
 /** denbd's entry point, found relative to this file so the script runs from any directory. */
 const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
@@ -36,13 +37,13 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "denbd",
     label: "denbd",
-    formats: ["raw", "qcow2"],
+    formats: ["raw", "qcow2", "qcow2-compressed"],
     argv: (t) => [
       Deno.execPath(),
       "run",
       ...DENO_PERMISSIONS,
       DENBD_MAIN,
-      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0", t.image],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", t.image],
     ],
     unavailable: () => {
       try {
@@ -56,11 +57,11 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
-    formats: ["raw", "qcow2"],
+    formats: ["raw", "qcow2", "qcow2-compressed"],
     // qemu-nbd's own defaults, spelled out.
     argv: (t) => [
       "qemu-nbd",
-      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0"],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],
       ...["--cache=writeback", "--aio=threads", t.image],
     ],
   },
@@ -74,10 +75,10 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd-io_uring",
     label: "qemu-nbd (aio=io_uring)",
-    formats: ["raw", "qcow2"],
+    formats: ["raw", "qcow2", "qcow2-compressed"],
     argv: (t) => [
       "qemu-nbd",
-      ...["-f", t.format, "-k", t.socket, "-t", "-e", "0"],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],
       ...["--cache=writeback", "--aio=io_uring", t.image],
     ],
   },

@@ -7,7 +7,12 @@
  */
 
 /** Image formats the benchmark can prepare. */
-export type ImageFormat = "raw" | "qcow2";
+export type ImageFormat = "raw" | "qcow2" | "qcow2-compressed";
+
+/** The `-f` driver name that serves an image format. */
+export function driverOf(format: ImageFormat): "raw" | "qcow2" {
+  return format === "raw" ? "raw" : "qcow2";
+}
 
 /** Where a server instance runs and what it serves. */
 export interface ServeTarget {
