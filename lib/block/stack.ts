@@ -20,7 +20,7 @@ import { FuaEmulationFilter } from "./filters/fua.ts";
 import { ProbeGuardFilter } from "./filters/probe_guard.ts";
 import { ReadOnlyFilter } from "./filters/read_only.ts";
 import { RawDevice } from "./raw.ts";
-import type { BlockDevice } from "./types.ts";
+import { type BlockDevice, BlockError, Errno } from "./types.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { WritesUnsupportedFilter } from "./filters/writes_unsupported.ts";
@@ -64,6 +64,7 @@ export async function openExportStack(
     let dev = await openQcow2(file, {
       openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, direct),
       snapshot: options.loadSnapshot,
+      backing: backingOverride(image.raw, warn),
     });
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
@@ -98,6 +99,51 @@ export async function openExportStack(
     file.close();
     throw e;
   }
+}
+
+/**
+ * --image-opts `backing.*` as qemu reads them: `backing=` (empty) drops the backing file (qemu
+ * warns that the empty string is deprecated); `backing.file.filename=` with an optional
+ * `backing.driver=` opens that file instead; any other `backing=` value names a block node,
+ * which a standalone server does not have.
+ */
+function backingOverride(
+  raw: Readonly<Record<string, string>>,
+  warn: (msg: string) => void,
+): null | { path: string; format: "raw" | "qcow2" | undefined } | undefined {
+  if ("backing" in raw) {
+    const ref = raw["backing"]!;
+    if (ref !== "") {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Could not open backing file: Cannot find device='${ref}' nor node-name='${ref}'`,
+      );
+    }
+    warn(`warning: Use of "backing": "" is deprecated; use "backing": null instead`);
+    return null;
+  }
+  const path = raw["backing.file.filename"];
+  if (path === undefined) {
+    if (Object.keys(raw).some((k) => k.startsWith("backing."))) {
+      throw new BlockError(
+        Errno.EINVAL,
+        "backing.file.filename is required to replace the backing file",
+      );
+    }
+    return undefined;
+  }
+  const driver = raw["backing.driver"];
+  if (driver !== undefined && driver !== "raw" && driver !== "qcow2") {
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `Backing driver '${driver}' is not supported (raw or qcow2)`,
+    );
+  }
+  const fileDriver = raw["backing.file.driver"];
+  if (fileDriver !== undefined && fileDriver !== "file") {
+    throw new BlockError(Errno.ENOTSUP, `Backing protocol '${fileDriver}' is not supported (file)`);
+  }
+  return { path, format: driver };
 }
 
 /**

@@ -570,6 +570,11 @@ const IMAGE_KEYS_DONE: ReadonlySet<string> = new Set([
   "filename",
   "offset",
   "size",
+  // qcow2: replace or drop the backing file named in the image header.
+  "backing",
+  "backing.driver",
+  "backing.file.driver",
+  "backing.file.filename",
 ]);
 
 /**

@@ -62,6 +62,11 @@ export interface Qcow2OpenOptions {
   l2CacheSize?: number;
   /** Set by an `openBacking` implementation when opening a backing image (see there). */
   chain?: BackingChain;
+  /**
+   * Override of the header's backing file (--image-opts `backing.*`): `null` for no backing
+   * file at all (`backing=`), or a file opened in its place.
+   */
+  backing?: null | { readonly path: string; readonly format: "raw" | "qcow2" | undefined };
 }
 
 /** qemu's default L2 cache ceiling on Linux (DEFAULT_L2_CACHE_MAX_SIZE). */
@@ -143,7 +148,12 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       opened.push(dataFile);
     }
     let backing: BlockDevice | undefined;
-    if (header.backingFile !== undefined && header.backingFile !== "") {
+    if (options.backing === null) {
+      // No backing file: unallocated clusters read as zeroes.
+    } else if (options.backing !== undefined) {
+      backing = await options.openBacking(options.backing.path, options.backing.format, below);
+      opened.push(backing);
+    } else if (header.backingFile !== undefined && header.backingFile !== "") {
       backing = await openBackingFile(file.path, header, below, options);
       opened.push(backing);
     }
