@@ -242,17 +242,7 @@ export function allocDataChunk(
   alloc: (size: number) => Uint8Array = newBuffer,
 ): Uint8Array {
   const b = alloc(CHUNK_DATA_OFFSET + dataLength);
-  const v = view(b);
-  setChunkHeader(
-    v,
-    0,
-    done ? NBD_REPLY_FLAG_DONE : 0,
-    NBD_REPLY_TYPE_OFFSET_DATA,
-    cookieHi,
-    cookieLo,
-    8 + dataLength,
-  );
-  setU64(v, NBD_CHUNK_HEADER_SIZE, offset);
+  putDataChunkHeader(b, 0, cookieHi, cookieLo, offset, dataLength, done);
   return b;
 }
 
