@@ -21,7 +21,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from "../types.ts";
-import { decompressCluster } from "./compressed.ts";
+import { InflatePool } from "./inflate_pool.ts";
 import {
   compressedDescriptor,
   entryOffset,
@@ -119,6 +119,7 @@ export class Qcow2Device implements BlockDevice {
   readonly #hasDataFile: boolean;
   readonly #compression: number;
   readonly #decompressed = new Map<number, Promise<Uint8Array>>();
+  readonly #inflate = new InflatePool();
   readonly #decompressedMax: number;
   #prealloc: Promise<boolean> | undefined;
   #closed = false;
@@ -402,8 +403,8 @@ export class Qcow2Device implements BlockDevice {
     p = (async () => {
       const src = new Uint8Array(d.length);
       await readZeroPadded(this.#file, src, d.offset);
-      const out = new Uint8Array(this.#cs);
-      if (!decompressCluster(this.#compression, src, out)) {
+      const out = await this.#inflate.decompress(this.#compression, src, this.#cs);
+      if (out === null) {
         throw this.#corruption(
           `corrupt compressed cluster at host offset ${d.offset} (${d.length} bytes) for guest offset ${guestCluster}`,
         );
@@ -607,6 +608,7 @@ export class Qcow2Device implements BlockDevice {
     this.#closed = true;
     this.#cache.clear();
     this.#decompressed.clear();
+    this.#inflate.close();
     try {
       await this.#backing?.close();
       await this.#dataFile?.close();

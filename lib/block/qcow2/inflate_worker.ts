@@ -1,0 +1,27 @@
+/**
+ * Worker side of the inflate pool: decompresses one deflate cluster per message, off the server's
+ * event loop. Messages: `{ id, src: Uint8Array, size }` in, `{ id, out: Uint8Array | null }` back.
+ *
+ * @module
+ */
+
+import { decompressCluster } from "./compressed.ts";
+
+interface Job {
+  readonly id: number;
+  readonly type: number;
+  readonly src: Uint8Array;
+  readonly size: number;
+}
+
+const scope = self as unknown as {
+  onmessage: ((e: MessageEvent<Job>) => void) | null;
+  postMessage(msg: unknown, transfer: Transferable[]): void;
+};
+
+scope.onmessage = (e: MessageEvent<Job>) => {
+  const { id, type, src, size } = e.data;
+  const out = new Uint8Array(size);
+  const ok = decompressCluster(type, src, out);
+  scope.postMessage({ id, out: ok ? out : null }, ok ? [out.buffer as ArrayBuffer] : []);
+};
