@@ -21,6 +21,8 @@ const SYMBOLS = {
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   // ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags)
   preadv2: { parameters: ["i32", "buffer", "i32", "i64", "i32"], result: "isize" },
+  // ssize_t pwritev2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags)
+  pwritev2: { parameters: ["i32", "buffer", "i32", "i64", "i32"], result: "isize" },
   // The same two on Deno's blocking pool: the event loop keeps serving while the kernel copies.
   pread_nb: {
     name: "pread",
