@@ -371,16 +371,7 @@ class Transmission {
     if (length === 0) return this.#writer.send(encodeDoneChunk(cookieHi, cookieLo));
     if (flags & NBD_CMD_FLAG_DF) return await this.#readWhole(cookieHi, cookieLo, offset, length);
     // Sparse read as qemu does it: one chunk per extent, zero extents as OFFSET_HOLE.
-    const ext = new ExtentList(1024);
-    let covered = 0;
-    while (covered < length) {
-      const before = ext.total;
-      await dev.extents(offset + covered, length - covered, ext);
-      if (ext.total === before) break; // a layer that reports nothing: treat the rest as data
-      covered = Math.min(ext.total, length);
-      if (ext.full) break;
-    }
-    const pairs = ext.pairs;
+    const pairs = await this.#collect(offset, length, 1024, (o, l, out) => dev.extents(o, l, out));
     if (!hasZero(pairs)) return await this.#readWhole(cookieHi, cookieLo, offset, length);
     // Lay out every chunk in one buffer, then fill the data chunks concurrently.
     let total = 0;
