@@ -21,7 +21,6 @@ const scope = self as unknown as {
 
 scope.onmessage = (e: MessageEvent<Job>) => {
   const { id, type, src, size } = e.data;
-  const out = new Uint8Array(size);
-  const ok = decompressCluster(type, src, out);
-  scope.postMessage({ id, out: ok ? out : null }, ok ? [out.buffer as ArrayBuffer] : []);
+  const out = decompressCluster(type, src, size);
+  scope.postMessage({ id, out }, out === null ? [] : [out.buffer as ArrayBuffer]);
 };
