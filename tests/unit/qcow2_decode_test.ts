@@ -292,6 +292,10 @@ Deno.test("qcow2 decompression: deflate and zstd, trailing bytes, corrupt and sh
       assert.equal(decompressCluster(0, deflateRawSync(new Uint8Array(2 * cs)), cs), null);
     }
   }
+  // Small clusters come out of Node's shared buffer pool: the result must still own its memory.
+  const tiny = decompressCluster(0, deflateRawSync(data.subarray(0, 512)), 512);
+  assert.deepEqual(tiny, data.subarray(0, 512));
+  assert.equal(tiny!.buffer.byteLength, 512);
   // zstd output larger than the cluster: qemu keeps the first cluster; so do we.
   const big = zstdCompressSync(new Uint8Array(2 * cs).fill(7));
   const out = decompressCluster(1, big, cs);

@@ -39,6 +39,7 @@ export function decompressCluster(type: number, src: Uint8Array, size: number): 
     return null;
   }
   if (out.length !== size) return null;
-  if (out.byteOffset !== 0 || out.buffer.byteLength !== size) return out.slice();
+  // Small results may share Node's buffer pool: copy those (Buffer#slice would not copy).
+  if (out.byteOffset !== 0 || out.buffer.byteLength !== size) return new Uint8Array(out);
   return new Uint8Array(out.buffer, 0, size);
 }
