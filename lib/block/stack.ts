@@ -5,7 +5,7 @@
  * ```
  * read-only ─▶ detect-zeroes ─▶ cache mode ─▶ discard policy ─▶ FUA emulation
  *           ─▶ block-0 guard (probed raw) ─▶ raw (offset/size) ─▶ file engine
- *           ─▶ [writes not supported yet] ─▶ offset (-o) ─▶ qcow2 ─▶ file engine (+ backing chain)
+ *           ─▶ offset (-o) ─▶ qcow2 ─▶ file engine (+ backing chain)
  * ```
  *
  * @module
@@ -23,7 +23,6 @@ import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, Errno } from "./types.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
-import { WritesUnsupportedFilter } from "./filters/writes_unsupported.ts";
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
@@ -62,18 +61,14 @@ export async function openExportStack(
   if (format === "qcow2") {
     // openQcow2 owns the file from here on (it closes it if opening fails).
     let dev = await openQcow2(file, {
-      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, direct),
+      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, direct, warn),
       snapshot: options.loadSnapshot,
+      warn,
       backing: backingOverride(image.raw, warn),
+      writable,
     });
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
-    }
-    if (writable) {
-      warn(
-        `WARNING: qcow2 writes are not supported yet: write requests to '${image.filename}' will fail with EPERM`,
-      );
-      dev = new WritesUnsupportedFilter(dev, "qcow2");
     }
     return { device: applyFilters(dev, options), format, probed: false };
   }
@@ -155,6 +150,7 @@ async function openBackingImage(
   format: "raw" | "qcow2" | undefined,
   chain: BackingChain,
   direct: boolean,
+  warn: (msg: string) => void,
 ): Promise<BlockDevice> {
   const file = openFileEngine(path, { writable: false, direct });
   let fmt: "raw" | "qcow2";
@@ -166,8 +162,9 @@ async function openBackingImage(
   }
   if (fmt === "qcow2") {
     return await openQcow2(file, {
-      openBacking: (p, f, c) => openBackingImage(p, f, c, direct),
+      openBacking: (p, f, c) => openBackingImage(p, f, c, direct, warn),
       chain,
+      warn,
     });
   }
   try {

@@ -33,6 +33,9 @@ import {
 import type { Qcow2Header } from "./header.ts";
 import { L2Cache } from "./l2_cache.ts";
 import { countReferencedClusters } from "./refcount.ts";
+import type { RefcountStore } from "./refcount_store.ts";
+import { IoEpochs } from "./sync.ts";
+import { Qcow2Writer } from "./writer.ts";
 
 /** Everything the device needs, prepared by `openQcow2`. */
 export interface Qcow2DeviceInit {
@@ -44,6 +47,8 @@ export interface Qcow2DeviceInit {
   readonly dataFile: BlockDevice | undefined;
   readonly l2CacheBytes: number;
   readonly l2SliceBytes: number;
+  /** Set for a writable image: its refcounts (the file is then open read-write). */
+  readonly refs?: RefcountStore;
 }
 
 /** One lookup result; each request reuses its own. */
@@ -56,6 +61,8 @@ interface Run {
   /** Compressed: the L2 entry words. */
   hi: number;
   lo: number;
+  /** Data: every cluster of the run has COPIED set (the image may write it in place). */
+  copied: boolean;
   /** Set when the lookup needs an L2 slice that is not cached. */
   missKey: number;
 }
@@ -67,7 +74,7 @@ const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
 const DEPTH_BATCH = 1 << 16;
 
 function newRun(): Run {
-  return { kind: Kind.Unalloc, length: 0, host: 0, hi: 0, lo: 0, missKey: -1 };
+  return { kind: Kind.Unalloc, length: 0, host: 0, hi: 0, lo: 0, copied: false, missKey: -1 };
 }
 
 /** Read from `file` with qemu's block-layer rule: bytes past end of file read as zeroes. */
@@ -89,15 +96,7 @@ export async function readZeroPadded(
 /** A read-only qcow2 image as a {@link BlockDevice}. */
 export class Qcow2Device implements BlockDevice {
   readonly size: number;
-  readonly caps: Capabilities = {
-    writable: false,
-    flush: true,
-    trim: false,
-    zero: false,
-    fastZero: false,
-    extents: true,
-    minBlock: 1,
-  };
+  readonly caps: Capabilities;
   /** The header as decoded at open. */
   readonly header: Qcow2Header;
   /** The corrupt bit was set (opened anyway: reading is allowed, as in qemu). */
@@ -123,6 +122,9 @@ export class Qcow2Device implements BlockDevice {
   readonly #decompressedMax: number;
   #prealloc: Promise<boolean> | undefined;
   #closed = false;
+  readonly #writer: Qcow2Writer | undefined;
+  /** Data I/O in flight, so freed clusters are reused only after it ends (writable only). */
+  readonly #epochs: IoEpochs | undefined;
 
   constructor(init: Qcow2DeviceInit) {
     const h = init.header;
@@ -149,6 +151,35 @@ export class Qcow2Device implements BlockDevice {
       init.l2CacheBytes,
       (buf, off) => readZeroPadded(this.#file, buf, off),
     );
+    const writable = init.refs !== undefined;
+    this.caps = {
+      writable,
+      flush: true,
+      trim: writable,
+      zero: writable,
+      fastZero: writable,
+      extents: true,
+      minBlock: 1,
+    };
+    if (init.refs !== undefined) {
+      this.#epochs = new IoEpochs();
+      this.#writer = new Qcow2Writer({
+        file: this.#file,
+        size: this.size,
+        clusterSize: h.clusterSize,
+        clusterBits: h.clusterBits,
+        extendedL2: h.extendedL2,
+        version: h.version,
+        l1TableOffset: h.l1TableOffset,
+        l1: this.#l1,
+        cache: this.#cache,
+        refs: init.refs,
+        backing: this.#backing,
+        epochs: this.#epochs,
+        pread: (buf, off) => this.pread(buf, off),
+        extents: (off, len, out) => this.extents(off, len, out),
+      });
+    }
   }
 
   /** L2 slices currently cached (for tests). */
@@ -219,6 +250,7 @@ export class Qcow2Device implements BlockDevice {
       const hi = words[w]!, lo = words[w + 1]!;
       const zero = ext ? words[w + 2]! : 0, alloc = ext ? words[w + 3]! : 0;
       const host = entryOffset(hi, lo);
+      const copied = (hi & 0x80000000) !== 0;
       if (isCompressed(hi)) {
         if (len > 0) break;
         if (this.#hasDataFile) {
@@ -264,7 +296,10 @@ export class Qcow2Device implements BlockDevice {
           kind = k;
           expect = unitHost + (skip > 0 ? skip : 0);
           r.host = expect;
-        } else if (k !== kind || (k === Kind.Data && unitHost !== expect)) {
+          r.copied = copied;
+        } else if (
+          k !== kind || (k === Kind.Data && (unitHost !== expect || copied !== r.copied))
+        ) {
           stop = true;
           break;
         }
@@ -319,6 +354,17 @@ export class Qcow2Device implements BlockDevice {
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<void> {
+    const epochs = this.#epochs;
+    if (epochs === undefined) return this.#pread(buf, offset);
+    const e = epochs.begin();
+    try {
+      await this.#pread(buf, offset);
+    } finally {
+      epochs.end(e);
+    }
+  }
+
+  async #pread(buf: Uint8Array, offset: number): Promise<void> {
     this.#checkOpen();
     const end = offset + buf.length;
     const r = newRun();
@@ -588,23 +634,68 @@ export class Qcow2Device implements BlockDevice {
   }
 
   flush(): Promise<void> {
-    return Promise.resolve();
+    this.#checkOpen();
+    return this.#writer?.flush() ?? Promise.resolve();
   }
 
-  pwrite(_buf: Uint8Array, _offset: number, _flags: WriteFlags): Promise<void> {
-    return Promise.reject(new BlockError(Errno.EPERM, "qcow2 writes are not supported yet"));
+  async pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {
+    this.#checkOpen();
+    const writer = this.#writer;
+    if (writer === undefined) throw new BlockError(Errno.EPERM, "qcow2 image is read-only");
+    if (!(await this.#writeInPlace(buf, offset))) await writer.write(buf, offset);
   }
 
-  trim(_offset: number, _length: number, _flags: WriteFlags): Promise<void> {
-    return Promise.reject(new BlockError(Errno.EPERM, "qcow2 writes are not supported yet"));
+  /**
+   * The fast path: when every byte maps to data clusters the image owns (COPIED), write them
+   * where they are, with no lock and no metadata change. False when the writer must plan it.
+   */
+  async #writeInPlace(buf: Uint8Array, offset: number): Promise<boolean> {
+    const end = offset + buf.length;
+    const r = newRun();
+    const runs: number[] = [];
+    for (let pos = offset; pos < end;) {
+      if (!this.#lookup(pos, end - pos, r)) await this.#resolve(pos, end - pos, r);
+      if (r.kind !== Kind.Data || !r.copied || this.#hasDataFile) return false;
+      runs.push(pos - offset, r.length, r.host);
+      pos += r.length;
+    }
+    const e = this.#epochs!.begin();
+    try {
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < runs.length; i += 3) {
+        const at = runs[i]!;
+        writes.push(this.#file.pwrite(buf.subarray(at, at + runs[i + 1]!), runs[i + 2]!));
+      }
+      await Promise.all(writes);
+    } finally {
+      this.#epochs!.end(e);
+    }
+    return true;
   }
 
-  zero(_offset: number, _length: number, _flags: ZeroFlags): Promise<void> {
-    return Promise.reject(new BlockError(Errno.EPERM, "qcow2 writes are not supported yet"));
+  trim(offset: number, length: number, _flags: WriteFlags): Promise<void> {
+    this.#checkOpen();
+    const writer = this.#writer;
+    if (writer === undefined) {
+      return Promise.reject(new BlockError(Errno.EPERM, "qcow2 image is read-only"));
+    }
+    return writer.discard(offset, length);
+  }
+
+  zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    this.#checkOpen();
+    const writer = this.#writer;
+    if (writer === undefined) {
+      return Promise.reject(new BlockError(Errno.EPERM, "qcow2 image is read-only"));
+    }
+    return writer.zero(offset, length, flags.noHole === true, flags.fastZero === true);
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
+    // A clean close leaves every refcount exact: flush applies the queued decrements.
+    let flushError: unknown;
+    if (this.#writer !== undefined) await this.#writer.flush().catch((e) => (flushError = e));
     this.#closed = true;
     this.#cache.clear();
     this.#decompressed.clear();
@@ -615,5 +706,17 @@ export class Qcow2Device implements BlockDevice {
     } finally {
       this.#file.close();
     }
+    if (flushError !== undefined) throw flushError;
+  }
+
+  // ---- Persistent dirty bitmaps (bitmap.ts, qemu-nbd -B). Kept at the end of the class on
+  // purpose; openQcow2 assigns `bitmaps` right after construction. ----
+
+  /** This image's own persistent bitmaps (not its backing chain's); set by openQcow2. */
+  bitmaps: import("./bitmap.ts").ImageBitmaps | undefined;
+
+  /** qemu's -B lookup: this image's bitmaps first, then down the backing chain. */
+  dirtyBitmap(name: string): import("../types.ts").BlockBitmap | undefined {
+    return this.bitmaps?.find(name) ?? this.#backing?.dirtyBitmap?.(name);
   }
 }

@@ -17,6 +17,8 @@ export class L2Cache {
   /** Insertion order is recency order: the first key is the least recently used. */
   readonly #slices = new Map<number, Uint32Array>();
   readonly #loading = new Map<number, Promise<Uint32Array>>();
+  /** Slices changed since the last write-back; never evicted. */
+  readonly #dirty = new Set<number>();
 
   /**
    * @param sliceBytes bytes per slice (a whole L2 table, or 4 KiB of one)
@@ -62,20 +64,66 @@ export class L2Cache {
       const view = new DataView(bytes.buffer);
       const words = new Uint32Array(this.sliceBytes >> 2);
       for (let i = 0; i < words.length; i++) words[i] = view.getUint32(i << 2);
-      while (this.#slices.size >= this.capacity) {
-        const oldest = this.#slices.keys().next().value;
-        if (oldest === undefined) break;
-        this.#slices.delete(oldest);
-      }
-      this.#slices.set(key, words);
+      // A slice cached meanwhile (a new table put by the writer) wins over the disk copy.
+      const fresh = this.#slices.get(key);
+      if (fresh !== undefined) return fresh;
+      this.#insert(key, words);
       return words;
     } finally {
       this.#loading.delete(key);
     }
   }
 
+  /** Insert a slice the writer built (a new or copied L2 table), dirty. */
+  put(key: number, words: Uint32Array): void {
+    this.#slices.delete(key);
+    this.#insert(key, words);
+    this.#dirty.add(key);
+  }
+
+  /** Mark a cached slice as changed; call right after changing it, with no await between. */
+  markDirty(key: number): void {
+    this.#dirty.add(key);
+  }
+
+  /** Number of dirty slices. */
+  get dirtyCount(): number {
+    return this.#dirty.size;
+  }
+
+  /** The dirty slices as big-endian bytes, and their keys; they count as clean from now on. */
+  takeDirty(): Array<{ key: number; bytes: Uint8Array }> {
+    const out: Array<{ key: number; bytes: Uint8Array }> = [];
+    for (const key of this.#dirty) {
+      const words = this.#slices.get(key)!;
+      const bytes = new Uint8Array(words.length * 4);
+      const view = new DataView(bytes.buffer);
+      for (let i = 0; i < words.length; i++) view.setUint32(i << 2, words[i]!);
+      out.push({ key, bytes });
+    }
+    this.#dirty.clear();
+    return out;
+  }
+
+  /** Mark slices dirty again after a failed write-back. */
+  restoreDirty(keys: readonly number[]): void {
+    for (const k of keys) if (this.#slices.has(k)) this.#dirty.add(k);
+  }
+
+  /** Evict clean slices, oldest first, until there is room for one more. */
+  #insert(key: number, words: Uint32Array): void {
+    if (this.#slices.size >= this.capacity) {
+      for (const k of this.#slices.keys()) {
+        if (this.#slices.size < this.capacity) break;
+        if (!this.#dirty.has(k)) this.#slices.delete(k);
+      }
+    }
+    this.#slices.set(key, words);
+  }
+
   /** Drop everything (close). */
   clear(): void {
     this.#slices.clear();
+    this.#dirty.clear();
   }
 }

@@ -14,13 +14,18 @@ import { isAbsolute } from "node:path";
 import type { FileEngine } from "../../io/file_engine.ts";
 import { type BlockDevice, BlockError, Errno } from "../types.ts";
 import {
+  AUTOCLEAR_DATA_FILE_RAW,
   hasQcow2Magic,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
   MAX_L1_BYTES,
   parseHeader,
   type Qcow2Header,
   validateTable,
 } from "./header.ts";
 import { Qcow2Device, readZeroPadded } from "./image.ts";
+import { loadImageBitmaps } from "./bitmap.ts";
+import { RefcountStore } from "./refcount_store.ts";
 import {
   MAX_SNAPSHOT_TABLE_BYTES,
   parseSnapshotTable,
@@ -67,7 +72,16 @@ export interface Qcow2OpenOptions {
    * file at all (`backing=`), or a file opened in its place.
    */
   backing?: null | { readonly path: string; readonly format: "raw" | "qcow2" | undefined };
+  /** Open for writing (the file must be open read-write). */
+  writable?: boolean;
+  /** Warnings qemu prints at open (bitmaps invalidated by another program). */
+  warn?: (message: string) => void;
 }
+
+/** Autoclear bit 0: the bitmaps extension is valid. */
+const AUTOCLEAR_BITMAPS = 1;
+/** Header offset of the autoclear feature bits (v3). */
+const HEADER_AUTOCLEAR = 88;
 
 /** qemu's default L2 cache ceiling on Linux (DEFAULT_L2_CACHE_MAX_SIZE). */
 const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
@@ -147,6 +161,11 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       dataFile = await options.openBacking(header.dataFile, "raw", below);
       opened.push(dataFile);
     }
+    // qemu loads every bitmap at open (errors fail the open), before the backing file.
+    const bitmaps = await loadImageBitmaps(header, {
+      read: (buf, off) => readZeroPadded(file, buf, off),
+      warn: options.warn,
+    });
     let backing: BlockDevice | undefined;
     if (options.backing === null) {
       // No backing file: unallocated clusters read as zeroes.
@@ -159,7 +178,9 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
     }
 
     const { cacheBytes, sliceBytes } = l2CacheGeometry(header, options.l2CacheSize);
-    return new Qcow2Device({
+    const refs = options.writable ? await openForWriting(file, header) : undefined;
+    const device = new Qcow2Device({
+      refs,
       file,
       header,
       l1,
@@ -168,6 +189,8 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       l2CacheBytes: cacheBytes,
       l2SliceBytes: sliceBytes,
     });
+    device.bitmaps = bitmaps;
+    return device;
   } catch (e) {
     for (const d of opened) await d.close().catch(() => {});
     file.close();
@@ -175,6 +198,44 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
   } finally {
     opening--;
   }
+}
+
+/**
+ * Checks that writing `file` is safe and prepares it as qemu does on a read-write open: refuses
+ * the corrupt bit (qemu's wording), refuses what this driver cannot yet keep consistent, clears
+ * unknown autoclear bits (their meaning would be invalidated by our writes), and loads refcounts.
+ */
+async function openForWriting(file: FileEngine, h: Qcow2Header): Promise<RefcountStore> {
+  if ((h.incompatible & BigInt(INCOMPAT_CORRUPT)) !== 0n) {
+    throw new BlockError(Errno.EACCES, "qcow2: Image is corrupt; cannot be opened read/write");
+  }
+  const refuse = (what: string) => {
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `'${file.path}': writing qcow2 images ${what} is not supported yet (use -r to export it read-only)`,
+    );
+  };
+  if ((h.incompatible & BigInt(INCOMPAT_DIRTY)) !== 0n) {
+    refuse("with the dirty bit set (run 'qemu-img check -r all' first)");
+  }
+  if (h.dataFile !== undefined) refuse("with an external data file");
+  if (h.bitmaps !== undefined && (h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
+    refuse("with persistent bitmaps");
+  }
+  const known = BigInt(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
+  if (h.version === 3 && (h.autoclear & ~known) !== 0n) {
+    const buf = new Uint8Array(8);
+    new DataView(buf.buffer).setBigUint64(0, h.autoclear & known);
+    await file.pwrite(buf, HEADER_AUTOCLEAR);
+    await file.sync();
+  }
+  return await RefcountStore.open({
+    file,
+    clusterSize: h.clusterSize,
+    refcountOrder: h.refcountOrder,
+    tableOffset: h.refcountTableOffset,
+    tableClusters: h.refcountTableClusters,
+  });
 }
 
 async function openBackingFile(
