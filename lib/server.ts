@@ -8,7 +8,7 @@
 
 import type { ServerOptions } from "./cli/options.ts";
 import { openExportStack } from "./block/stack.ts";
-import { describeExport } from "./nbd/export.ts";
+import { describeExport, resolveExportBitmaps } from "./nbd/export.ts";
 import { type ListenAddress, NbdListener } from "./nbd/listener.ts";
 
 /** How the server talks to the outside world (stderr, readiness for --fork). */
@@ -24,6 +24,16 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
   const log = options.verbose ? (msg: string) => io.error(msg) : () => {};
   const opened = await openExportStack(options, io.error);
   const device = opened.device;
+  let bitmaps: ReturnType<typeof resolveExportBitmaps>;
+  try {
+    // qemu-nbd serves -o/size through a raw node above the image, and its bitmap lookup does
+    // not pass that node: every -B name is then "not found".
+    const view = options.image.offset !== 0 || options.image.size !== undefined;
+    bitmaps = resolveExportBitmaps(view ? {} : device, options.bitmaps);
+  } catch (e) {
+    await device.close();
+    throw e;
+  }
   const exp = describeExport(device, {
     name: options.exportName,
     description: options.description,
@@ -42,7 +52,7 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
       address,
       shared: options.shared,
       persistent: options.persistent,
-      session: { export: exp, device, handshakeLimit: options.handshakeLimit, log },
+      session: { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, log },
     });
   } catch (e) {
     await device.close();

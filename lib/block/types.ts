@@ -28,6 +28,8 @@ export interface ZeroFlags extends WriteFlags {
 /** base:allocation bits, as NBD defines them (NBD_STATE_HOLE, NBD_STATE_ZERO). */
 export const STATE_HOLE = 1;
 export const STATE_ZERO = 2;
+/** qemu:dirty-bitmap bit (NBD_STATE_DIRTY). */
+export const STATE_DIRTY = 1;
 
 /**
  * Collects extents for block status. Layers append `(length, flags)` runs in offset order; the
@@ -39,6 +41,7 @@ export class ExtentList {
   readonly pairs: number[] = [];
   #total = 0;
   #max: number;
+  #rejected = false;
 
   /** @param maxExtents at most this many extents are kept (1 for REQ_ONE) */
   constructor(maxExtents: number) {
@@ -55,9 +58,13 @@ export class ExtentList {
     return this.pairs.length >> 1;
   }
 
-  /** True when no further extent can be appended (a merge with the last one still can). */
+  /**
+   * True once a run could not be appended (the list holds its maximum and the run differed
+   * from the last one). Until then a driver keeps going: runs equal to the last one still merge,
+   * which is how qemu answers REQ_ONE with the longest first extent.
+   */
   get full(): boolean {
-    return this.count >= this.#max;
+    return this.#rejected;
   }
 
   /** Append a run; merges with the previous run when the flags match. Returns false when full. */
@@ -69,11 +76,33 @@ export class ExtentList {
       this.#total += length;
       return true;
     }
-    if (this.full) return false;
+    if (this.count >= this.#max) {
+      this.#rejected = true;
+      return false;
+    }
     this.pairs.push(length, flags);
     this.#total += length;
     return true;
   }
+}
+
+/**
+ * A persistent dirty bitmap a layer exposes for `qemu:dirty-bitmap:NAME` (qemu-nbd -B); qcow2's
+ * implementation is `DirtyBitmap` in qcow2/bitmap.ts.
+ */
+export interface BlockBitmap {
+  readonly name: string;
+  /** Bytes per bit. */
+  readonly granularity: number;
+  /** The bitmap tracks writes (qcow2 `auto` flag). */
+  readonly isEnabled: boolean;
+  /** Found with in_use set at open: qemu calls it inconsistent and refuses to export it. */
+  readonly inUse: boolean;
+  /**
+   * Dirty status of `[offset, offset+length)` appended to `out` (flags {@link STATE_DIRTY} or 0),
+   * covering the whole range unless `out` fills up.
+   */
+  extents(offset: number, length: number, out: ExtentList): void;
 }
 
 /** What a layer can do; the protocol derives the advertised transmission flags from it. */
@@ -122,6 +151,11 @@ export interface BlockDevice {
    * layers with no backing chain (the protocol then reports depth 1 everywhere).
    */
   allocationDepth?(offset: number, length: number, out: ExtentList): Promise<void>;
+  /**
+   * The persistent dirty bitmap `name` for -B: looked up in this layer's image, then down its
+   * backing chain (qemu's order). Absent on layers that cannot hold bitmaps.
+   */
+  dirtyBitmap?(name: string): BlockBitmap | undefined;
   /** Release resources. Called once, after the last request. */
   close(): Promise<void>;
 }
@@ -200,6 +234,13 @@ export class Filter implements BlockDevice {
     if (this.next.allocationDepth) return this.next.allocationDepth(offset, length, out);
     out.add(length, 1);
     return Promise.resolve();
+  }
+  /**
+   * Forwarded. A filter that changes the guest view (offset, size) overrides this to return
+   * undefined: qemu's lookup does not pass such a node.
+   */
+  dirtyBitmap(name: string): BlockBitmap | undefined {
+    return this.next.dirtyBitmap?.(name);
   }
   close(): Promise<void> {
     return this.next.close();

@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { BlockDevice } from "../block/types.ts";
+import { type BlockBitmap, type BlockDevice, BlockError, Errno } from "../block/types.ts";
 import {
   NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_HAS_FLAGS,
@@ -54,4 +54,24 @@ export function describeExport(device: BlockDevice, settings: ExportSettings): E
     allocationDepth: settings.allocationDepth,
     bitmaps: settings.bitmaps,
   };
+}
+
+/**
+ * -B: find each bitmap for the export as qemu's `nbd_export_create` does (the device looks in
+ * its image, then down the backing chain) and refuse what qemu refuses, with its messages.
+ * qemu also refuses an enabled bitmap on a read-only export of a writable node; denbd's
+ * read-only exports never open the node writable, so that case cannot arise.
+ */
+export function resolveExportBitmaps(
+  device: Pick<BlockDevice, "dirtyBitmap">,
+  names: readonly string[],
+): BlockBitmap[] {
+  return names.map((name) => {
+    const bitmap = device.dirtyBitmap?.(name);
+    if (bitmap === undefined) throw new BlockError(Errno.ENOENT, `Bitmap '${name}' is not found`);
+    if (bitmap.inUse) {
+      throw new BlockError(Errno.EINVAL, `Bitmap '${name}' is inconsistent and cannot be used`);
+    }
+    return bitmap;
+  });
 }

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { type BlockDevice, ExtentList, STATE_ZERO } from "../block/types.ts";
+import { type BlockBitmap, type BlockDevice, ExtentList, STATE_ZERO } from "../block/types.ts";
 import {
   commandName,
   META_ID_ALLOCATION_DEPTH,
@@ -37,6 +37,7 @@ import {
 import { BufferedReader, type ByteConn, ReplyWriter } from "./conn_io.ts";
 import { bufferPool } from "./buffer_pool.ts";
 import { type ExportDescriptor, initialState, type Negotiated, step } from "./handshake.ts";
+import { bitmapContextId } from "./meta_context.ts";
 import {
   allocDataChunk,
   allocSimpleReply,
@@ -63,6 +64,8 @@ export const MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024;
 export interface SessionOptions {
   readonly export: ExportDescriptor;
   readonly device: BlockDevice;
+  /** -B: the bitmaps behind `export.bitmaps`, index for index (see resolveExportBitmaps). */
+  readonly bitmaps?: readonly BlockBitmap[];
   /** Seconds allowed for the handshake; 0 = no limit. */
   readonly handshakeLimit: number;
   /** Diagnostic log (stderr under -v). */
@@ -154,6 +157,7 @@ class Transmission {
   readonly #reader: BufferedReader;
   readonly #writer: ReplyWriter;
   readonly #dev: BlockDevice;
+  readonly #bitmaps: readonly BlockBitmap[];
   readonly #size: number;
   readonly #readOnly: boolean;
   readonly #structured: boolean;
@@ -173,6 +177,7 @@ class Transmission {
     this.#reader = reader;
     this.#writer = writer;
     this.#dev = options.device;
+    this.#bitmaps = options.bitmaps ?? [];
     this.#size = neg.export.size;
     this.#readOnly = (neg.flags & NBD_FLAG_READ_ONLY) !== 0;
     this.#structured = neg.structured;
@@ -476,6 +481,22 @@ class Transmission {
           cookieLo,
           META_ID_ALLOCATION_DEPTH,
           ext,
+          --remaining === 0,
+        ),
+      );
+    }
+    // qemu:dirty-bitmap:NAME, in export order (qemu's nbd_co_send_bitmap).
+    for (const i of meta.bitmaps) {
+      const ext = new ExtentList(max);
+      const bitmap = this.#bitmaps[i];
+      if (bitmap !== undefined) bitmap.extents(offset, length, ext);
+      else ext.add(length, 0);
+      chunks.push(
+        encodeBlockStatusChunk(
+          cookieHi,
+          cookieLo,
+          bitmapContextId(i),
+          ext.pairs,
           --remaining === 0,
         ),
       );

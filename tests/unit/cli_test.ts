@@ -141,7 +141,6 @@ Deno.test("cli: every option, long and short", () => {
   assert.deepEqual(o.objects, ["secret,id=s0,data=x"]);
   assert.deepEqual(unsupportedOptions(o), [
     "--object is not supported yet",
-    "-B/--bitmap is not supported yet",
     "-T/--trace is not supported yet",
   ]);
   assert.equal(serve(["-p", "10900", "f"]).port, 10900);

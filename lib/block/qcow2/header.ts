@@ -44,6 +44,8 @@ export interface FeatureName {
 /** The bitmaps extension (parsed, unused for reading). */
 export interface BitmapsExtension {
   readonly nbBitmaps: number;
+  /** Must be 0 (checked when bitmaps are loaded). */
+  readonly reserved: number;
   readonly directorySize: number;
   readonly directoryOffset: number;
 }
@@ -322,6 +324,7 @@ function parseExtensions(v: DataView, start: number, end: number, clusterSize: n
         const d = new DataView(data.buffer, data.byteOffset, data.byteLength);
         out.bitmaps = {
           nbBitmaps: d.getUint32(0),
+          reserved: d.getUint32(4),
           directorySize: u64(d, 8),
           directoryOffset: u64(d, 16),
         };
