@@ -5,29 +5,37 @@
  *
  * Rows live in `bench_lib/rows.ts`, servers in `bench_lib/servers.ts`. Every row runs against all
  * servers back to back, repeat by repeat (with a rotating server order), and the median is kept.
+ * Rows on an image that writes would change (`qcow2-empty`) get a fresh image and a freshly
+ * started server for every single measurement. A ratio chart (SVG) is written beside the report.
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
+import { renderRatioChart } from "./bench_lib/chart.ts";
 import { ensureDenseFile, prepareImage, warmPageCache } from "./bench_lib/images.ts";
+import { estimateSeconds, formatDuration, selectRows } from "./bench_lib/plan.ts";
 import { killAllChildren, runClient, settlesWithin, toolVersion } from "./bench_lib/proc.ts";
 import {
   type BenchResults,
   type Cell,
   type InstanceResult,
+  type MeasuredSample,
+  ratioChartOf,
   renderJson,
   renderMarkdown,
 } from "./bench_lib/report.ts";
 import { ROW_DEFS } from "./bench_lib/rows.ts";
 import { SERVER_DEFS, ServerHandle } from "./bench_lib/servers.ts";
+import { FORMAT_INFO } from "./bench_lib/types.ts";
 import type { ImageFormat, RowContext, RowDef, ServerDef } from "./bench_lib/types.ts";
 
 const MiB = 1 << 20;
 
 const USAGE = `Usage: deno task bench [options]
 
-  --quick             CI smoke run: 256 MiB image, 2 s fio runs, 1 repeat
+  --quick             CI smoke run: the rows marked (q) below, 256 MiB image, 2 s fio runs,
+                      1 repeat
   --repeat N          measurements per row and server, median kept (default 3; quick 1)
   --runtime S         seconds per fio run (default 10; quick 2)
   --size-mib N        image size in MiB, a multiple of 8 (default 1024; quick 256)
@@ -36,8 +44,10 @@ const USAGE = `Usage: deno task bench [options]
   --servers LIST      comma-separated server ids (default: all of ${
   SERVER_DEFS.map((s) => s.id).join(",")
 })
-  --rows LIST         comma-separated row ids (default: all of
-                      ${ROW_DEFS.map((r) => r.id).join(",\n                      ")})
+  --rows LIST         comma-separated row ids (default: all; --quick: those marked (q)):
+                      ${
+  ROW_DEFS.map((r) => `${r.id}${r.quick ? " (q)" : ""}`).join("\n                      ")
+}
   --start-timeout S   seconds a server may take to accept a connection (default 10)
   -h, --help          this text
 `;
@@ -61,7 +71,7 @@ function positiveInt(name: string, text: string | undefined, fallback: number): 
   return n;
 }
 
-function pick<T extends { id: string }>(name: string, all: readonly T[], list?: string): T[] {
+function pick(name: string, all: readonly ServerDef[], list?: string): ServerDef[] {
   if (list === undefined) return [...all];
   return list.split(",").map((id) => {
     const found = all.find((x) => x.id === id.trim());
@@ -104,7 +114,7 @@ function parseOptions(args: string[]): Options | undefined {
     out: values.out ??
       decodeURIComponent(new URL("../bench-results", import.meta.url).pathname),
     servers: pick("servers", SERVER_DEFS, values.servers),
-    rows: pick("rows", ROW_DEFS, values.rows),
+    rows: selectRows(ROW_DEFS, { quick, ids: values.rows?.split(",") }),
     startTimeoutMs: positiveInt("start-timeout", values["start-timeout"], 10) * 1000,
   };
 }
@@ -120,96 +130,160 @@ async function onSignal(): Promise<void> {
   Deno.exit(130);
 }
 
-/** Runs `row` once on `server`, with the server's CPU time read around the client run. */
-async function measure(row: RowDef, server: ServerHandle, ctx: RowContext) {
+/** Runs `row` once on `server`, with the server's CPU time and peak RSS read around the run. */
+async function measure(
+  row: RowDef,
+  server: ServerHandle,
+  ctx: RowContext,
+): Promise<MeasuredSample> {
   await runClient(["sync"]); // Write back earlier runs' dirty pages outside the timed window.
-  const cpu0 = await server.cpuSeconds();
+  const windowed = await server.resetPeakRss();
+  const before = await server.usage();
   const sample = await row.run(ctx);
-  const cpu1 = await server.cpuSeconds();
-  return { ...sample, cpuSeconds: cpu1 - cpu0 };
+  const after = await server.usage();
+  return {
+    ...sample,
+    cpuSeconds: after.cpuSeconds - before.cpuSeconds,
+    peakRssKiB: windowed ? after.peakRssKiB : 0,
+  };
 }
 
-/** Starts every server supporting `format`, runs `rows` on them, stops them. */
+type Results = { cells: Record<string, Record<string, Cell>>; instances: InstanceResult[] };
+type Files = { master: string; source: string };
+
+/** Measures `row` once on `h` into `cells[h.def.id]`; a failure closes the cell, never the run. */
+async function measureInto(
+  o: Options,
+  row: RowDef,
+  h: ServerHandle,
+  run: { cells: Record<string, Cell>; files: Files; rep: number },
+): Promise<void> {
+  const id = h.def.id;
+  const cell = run.cells[id];
+  if (cell?.status !== "ok") return;
+  const progress = `  [${run.rep + 1}/${o.repeat}] ${h.def.label}`;
+  if (h.failure) {
+    run.cells[id] = { status: "failed", error: h.failure, samples: cell.samples };
+    console.log(`${progress}: ${h.failure}`);
+    return;
+  }
+  const ctx: RowContext = {
+    uri: `nbd+unix:///?socket=${h.target.socket}`,
+    imageBytes: o.imageBytes,
+    sourceFile: run.files.source,
+    runtimeSeconds: o.runtime,
+  };
+  try {
+    const s = await measure(row, h, ctx);
+    cell.samples.push(s);
+    console.log(
+      `${progress}: ${s.value.toFixed(1)} ${row.unit} (${s.seconds.toFixed(2)} s, ` +
+        `server CPU ${s.cpuSeconds.toFixed(2)} s, peak RSS ${
+          (s.peakRssKiB / 1024).toFixed(0)
+        } MiB)`,
+    );
+  } catch (e) {
+    const error = h.failure ?? (e as Error).message;
+    run.cells[id] = { status: "failed", error, samples: cell.samples };
+    console.log(`${progress}: failed: ${error}`);
+  }
+}
+
+/** Prepares a private image of `format` for `def` and starts `def` on it. */
+async function startInstance(
+  o: Options,
+  def: ServerDef,
+  format: ImageFormat,
+  files: Files,
+): Promise<ServerHandle> {
+  const image = `${o.dir}/${def.id}.${format}`;
+  if (!def.unavailable?.()) {
+    await prepareImage(files.master, image, format);
+    if (!FORMAT_INFO[format].freshPerRun) await warmPageCache(image);
+  }
+  const h = await ServerHandle.start(
+    def,
+    { socket: `${o.dir}/${def.id}.sock`, image, format },
+    { logFile: `${o.dir}/${def.id}-${format}.log`, timeoutMs: o.startTimeoutMs },
+  );
+  if (h.failure) console.log(`  ${def.label}: ${h.failure}`);
+  else running.add(h);
+  return h;
+}
+
+/** Stops `h`, deletes its private image and records the instance (merged per server and format). */
+async function stopInstance(h: ServerHandle, results: Results): Promise<void> {
+  await h.stop();
+  running.delete(h);
+  await Deno.remove(h.target.image).catch(() => {}); // Private copy; the master is kept.
+  const format = h.target.format;
+  const i = results.instances.findIndex((x) => x.serverId === h.def.id && x.format === format);
+  const prev = i >= 0 ? results.instances[i] : undefined;
+  const merged: InstanceResult = {
+    serverId: h.def.id,
+    format,
+    argv: h.argv,
+    logFile: h.logFile,
+    failure: prev?.failure ?? h.failure,
+    peakRssKiB: Math.max(prev?.peakRssKiB ?? 0, h.peakRssKiB),
+  };
+  if (prev) results.instances[i] = merged;
+  else results.instances.push(merged);
+}
+
+function initialCells(servers: readonly ServerDef[]): Record<string, Cell> {
+  return Object.fromEntries(servers.map((s) => [s.id, { status: "ok", samples: [] } as Cell]));
+}
+
+/** Rotates `list` by `n`, so no server always runs right after the same neighbour. */
+function rotated<T>(list: readonly T[], n: number): T[] {
+  return list.map((_, i) => list[(i + n) % list.length]!);
+}
+
+/** Runs `rows` (all of one format) on every selected server supporting the format. */
 async function runFormat(
   o: Options,
   format: ImageFormat,
   rows: readonly RowDef[],
-  files: { master: string; source: string },
-  results: { cells: Record<string, Record<string, Cell>>; instances: InstanceResult[] },
+  files: Files,
+  results: Results,
 ): Promise<void> {
   const servers = o.servers.filter((s) => s.formats.includes(format));
-  const handles: ServerHandle[] = [];
-  try {
-    for (const def of servers) {
-      const image = `${o.dir}/${def.id}.${format}`;
-      if (!def.unavailable?.()) {
-        await prepareImage(files.master, image, format);
-        await warmPageCache(image);
-      }
-      console.log(`Starting ${def.label} on ${image}`);
-      const h = await ServerHandle.start(
-        def,
-        { socket: `${o.dir}/${def.id}.sock`, image, format },
-        {
-          logFile: `${o.dir}/${def.id}-${format}.log`,
-          timeoutMs: o.startTimeoutMs,
-        },
-      );
-      if (h.failure) console.log(`  ${def.label}: ${h.failure}`);
-      else running.add(h);
-      handles.push(h);
-    }
+  if (FORMAT_INFO[format].freshPerRun) {
     for (const row of rows) {
-      console.log(`Row ${row.id}`);
-      const cellOf: Record<string, Cell> = {};
-      for (const h of handles) cellOf[h.def.id] = { status: "ok", samples: [] };
+      console.log(`Row ${row.id} (fresh ${format} image and server per measurement)`);
+      const cells = initialCells(servers);
       for (let rep = 0; rep < o.repeat; rep++) {
-        // Rotate the order so no server always runs right after the same neighbour.
-        const order = handles.map((_, i) => handles[(i + rep) % handles.length]!);
-        for (const h of order) {
-          const cell = cellOf[h.def.id]!;
-          if (cell.status !== "ok") continue;
-          if (h.failure) {
-            cellOf[h.def.id] = { status: "failed", error: h.failure, samples: cell.samples };
-            continue;
-          }
-          const ctx: RowContext = {
-            uri: `nbd+unix:///?socket=${h.target.socket}`,
-            imageBytes: o.imageBytes,
-            sourceFile: files.source,
-            runtimeSeconds: o.runtime,
-          };
+        for (const def of rotated(servers, rep)) {
+          if (cells[def.id]?.status !== "ok") continue;
+          const h = await startInstance(o, def, format, files);
           try {
-            const s = await measure(row, h, ctx);
-            cell.samples.push(s);
-            console.log(
-              `  [${rep + 1}/${o.repeat}] ${h.def.label}: ${s.value.toFixed(1)} ${row.unit} ` +
-                `(${s.seconds.toFixed(2)} s, server CPU ${s.cpuSeconds.toFixed(2)} s)`,
-            );
-          } catch (e) {
-            const error = h.failure ?? (e as Error).message;
-            cellOf[h.def.id] = { status: "failed", error, samples: cell.samples };
-            console.log(`  [${rep + 1}/${o.repeat}] ${h.def.label}: failed: ${error}`);
+            await measureInto(o, row, h, { cells, files, rep });
+          } finally {
+            await stopInstance(h, results);
           }
         }
       }
-      const rowCells = (results.cells[row.id] ??= {});
-      Object.assign(rowCells, cellOf);
+      Object.assign(results.cells[row.id] ??= {}, cells);
+    }
+    return;
+  }
+  const handles: ServerHandle[] = [];
+  try {
+    for (const def of servers) {
+      console.log(`Starting ${def.label} on ${format}`);
+      handles.push(await startInstance(o, def, format, files));
+    }
+    for (const row of rows) {
+      console.log(`Row ${row.id}`);
+      const cells = initialCells(servers);
+      for (let rep = 0; rep < o.repeat; rep++) {
+        for (const h of rotated(handles, rep)) await measureInto(o, row, h, { cells, files, rep });
+      }
+      Object.assign(results.cells[row.id] ??= {}, cells);
     }
   } finally {
-    for (const h of handles) {
-      await h.stop();
-      running.delete(h);
-      await Deno.remove(h.target.image).catch(() => {}); // Private copy; the master is kept.
-      results.instances.push({
-        serverId: h.def.id,
-        format,
-        argv: h.argv,
-        logFile: h.logFile,
-        failure: h.failure,
-        peakRssKiB: h.peakRssKiB,
-      });
-    }
+    for (const h of handles) await stopInstance(h, results);
   }
 }
 
@@ -221,16 +295,25 @@ async function main(args: string[]): Promise<number> {
   const date = new Date();
   const mib = o.imageBytes / MiB;
 
+  const estimate = estimateSeconds({
+    rows: o.rows,
+    servers: o.servers,
+    repeat: o.repeat,
+    imageBytes: o.imageBytes,
+    runtimeSeconds: o.runtime,
+  });
+  console.log(
+    `${o.rows.length} row(s) × up to ${o.servers.length} server(s) × ${o.repeat} repeat(s), ` +
+      `${mib} MiB image, ${o.runtime} s fio runs: estimated ${formatDuration(estimate)}`,
+  );
+
   const files = { master: `${o.dir}/master-${mib}M.raw`, source: `${o.dir}/source-${mib}M.raw` };
   console.log(`Preparing ${mib} MiB dense images in ${o.dir}`);
   await ensureDenseFile(files.master, o.imageBytes, 0x9e3779b9);
   await ensureDenseFile(files.source, o.imageBytes, 0x85ebca6b);
   await warmPageCache(files.source);
 
-  const results: { cells: Record<string, Record<string, Cell>>; instances: InstanceResult[] } = {
-    cells: {},
-    instances: [],
-  };
+  const results: Results = { cells: {}, instances: [] };
   for (const row of o.rows) {
     results.cells[row.id] = Object.fromEntries(
       o.servers.map((s) => [s.id, { status: "unsupported" } as Cell]),
@@ -257,12 +340,18 @@ async function main(args: string[]): Promise<number> {
     },
     notes: [
       "All servers run on unix sockets with `-e 0` (unlimited clients; nbdkit's default), so " +
-      "each may advertise NBD_FLAG_CAN_MULTI_CONN and nbdcopy uses its default 4 connections.",
+      "each advertises NBD_FLAG_CAN_MULTI_CONN and nbdcopy really opens `--connections` N.",
       "qemu-nbd runs with its defaults, `--cache=writeback --aio=threads`; the io_uring column " +
-      "differs only in `--aio=io_uring`.",
+      "differs only in `--aio=io_uring`. nbdkit has no qcow2 support (—).",
       "Each server has a private copy of the image; `sync` runs before every measurement.",
-      "nbdcopy write uses `--sparse=0` and no `--flush`; fio uses its nbd engine (libnbd), one " +
-      "connection per job.",
+      "nbdcopy write uses `--sparse=0` and no `--flush`; fio uses its nbd engine (libnbd) with " +
+      "`--numjobs` jobs, each its own NBD connection, and the IOPS of all jobs summed.",
+      "qcow2 (allocated): the raw master converted with `qemu-img convert`, so every cluster " +
+      "holds data and writes overwrite in place. qcow2 (empty): a new `qemu-img create -f qcow2` " +
+      "image and a newly started server for every measurement, so writes allocate clusters; " +
+      "fio runs are time-based, so later random writes may land in clusters allocated earlier.",
+      "Peak RSS per row: the server's VmHWM is reset (`clear_refs` 5) before each run and read " +
+      "after it; the largest run is shown.",
       "Clients share the host's CPUs with the server, so figures are relative, not absolute.",
     ],
     servers: o.servers,
@@ -270,13 +359,23 @@ async function main(args: string[]): Promise<number> {
     cells: results.cells,
     instances: results.instances,
   };
-  const md = renderMarkdown(report);
   const stamp = date.toISOString().replace(/:/g, "-").replace(/\.\d+Z$/, "Z");
-  const base = `${o.out}/bench-${stamp}${o.quick ? "-quick" : ""}`;
+  const name = `bench-${stamp}${o.quick ? "-quick" : ""}`;
+  const base = `${o.out}/${name}`;
+  const chart = ratioChartOf(report);
+  const written = [`${base}.md`, `${base}.json`];
+  if (chart.series.length > 0) {
+    await Deno.writeTextFile(`${base}.svg`, renderRatioChart(chart));
+    written.push(`${base}.svg`);
+  }
+  const md = renderMarkdown({
+    ...report,
+    chartFile: chart.series.length > 0 ? `${name}.svg` : undefined,
+  });
   await Deno.writeTextFile(`${base}.md`, md);
   await Deno.writeTextFile(`${base}.json`, renderJson(report));
   console.log("\n" + md);
-  console.log(`Wrote ${base}.md and ${base}.json`);
+  console.log(`Wrote ${written.join(", ")}`);
   return 0;
 }
 

@@ -46,7 +46,8 @@ export async function ensureDenseFile(path: string, bytes: number, seed: number)
 
 /**
  * Writes a fresh private copy of the raw `master` to `dest` in `format`, so that no server sees
- * another's writes (a qcow2 server caches metadata, so sharing a file would be unsafe).
+ * another's writes (a qcow2 server caches metadata, so sharing a file would be unsafe). For
+ * `qcow2-empty` the copy has the master's size and no data at all.
  */
 export async function prepareImage(
   master: string,
@@ -61,6 +62,11 @@ export async function prepareImage(
     case "qcow2":
       await runClient(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", master, dest]);
       return;
+    case "qcow2-empty": {
+      const bytes = (await Deno.stat(master)).size;
+      await runClient(["qemu-img", "create", "-q", "-f", "qcow2", dest, String(bytes)]);
+      return;
+    }
     case "qcow2-compressed": {
       // Random data does not compress (qemu would store the clusters plain), so compress a copy
       // whose every 4 KiB block keeps 1 KiB of the random bytes: ~4:1, and no zero blocks.

@@ -45,7 +45,19 @@ export interface RunResult {
   readonly seconds: number;
 }
 
-/** Runs a client to completion; throws with its exit code and stderr tail when it fails. */
+/** A client that exited unsuccessfully; keeps its output so a row can explain the failure. */
+export class ClientError extends Error {
+  readonly stdout: string;
+  readonly stderr: string;
+  constructor(message: string, output: { stdout: string; stderr: string }) {
+    super(message);
+    this.name = "ClientError";
+    this.stdout = output.stdout;
+    this.stderr = output.stderr;
+  }
+}
+
+/** Runs a client to completion; throws a ClientError with its exit code and stderr tail on failure. */
 export async function runClient(argv: readonly string[]): Promise<RunResult> {
   const start = performance.now();
   const child = spawnTracked(argv, { stdout: "piped", stderr: "piped" });
@@ -56,14 +68,19 @@ export async function runClient(argv: readonly string[]): Promise<RunResult> {
   const stderr = dec.decode(out.stderr);
   if (!out.success) {
     const why = out.signal ? `signal ${out.signal}` : `exit code ${out.code}`;
-    throw new Error(`${argv[0]} failed (${why}): ${tail(stderr || stdout, 300)}`);
+    throw new ClientError(`${argv[0]} failed (${why}): ${tail(stderr || stdout, 300)}`, {
+      stdout,
+      stderr,
+    });
   }
   return { stdout, stderr, seconds };
 }
 
-/** Last `max` characters of `text`, trimmed, on one line. */
+/** Last `max` characters of `text`, trimmed, on one line, without ANSI colour codes. */
 export function tail(text: string, max: number): string {
-  const t = text.trim().replace(/\s*\n\s*/g, " | ");
+  // deno colours its error messages; escape codes would garble the Markdown report.
+  // deno-lint-ignore no-control-regex
+  const t = text.replace(/\x1b\[[0-9;]*m/g, "").trim().replace(/\s*\n\s*/g, " | ");
   return t.length > max ? "…" + t.slice(t.length - max) : t;
 }
 
@@ -100,6 +117,15 @@ export async function readPeakRssKiB(pid: number): Promise<number> {
   const m = /^VmHWM:\s+(\d+)\s+kB$/m.exec(status);
   if (!m?.[1]) throw new Error(`No VmHWM in /proc/${pid}/status`);
   return Number(m[1]);
+}
+
+/**
+ * Resets the peak RSS (VmHWM) of process `pid` to its current RSS (Linux 4.0+ `clear_refs` value
+ * 5), so that the next reading is the peak of what ran in between. Written through `sh` for the
+ * same reason as `readProcFile`.
+ */
+export async function resetPeakRss(pid: number): Promise<void> {
+  await runClient(["sh", "-c", `echo 5 > /proc/${pid}/clear_refs`]);
 }
 
 /** Resolves after `ms` milliseconds. */

@@ -1,16 +1,19 @@
 /**
- * Turns benchmark results into a Markdown report (figures, ratios, server CPU per GiB, peak RSS)
- * and a JSON document with every raw sample.
+ * Turns benchmark results into a Markdown report (figures, ratios, server CPU per GiB, peak RSS
+ * per row and per server), the data of the ratio chart, and a JSON document with every raw sample.
  *
  * @module
  */
 
+import type { RatioChart, RatioValue } from "./chart.ts";
 import type { ImageFormat, RowDef, Sample, ServerDef } from "./types.ts";
 
-/** One client run plus the server CPU it cost. */
+/** One client run plus what it cost the server. */
 export interface MeasuredSample extends Sample {
   /** Server CPU seconds (user + system) consumed during the run. */
   readonly cpuSeconds: number;
+  /** Server peak RSS (VmHWM) during the run in KiB; 0 if it could not be read. */
+  readonly peakRssKiB: number;
 }
 
 /** A row × server cell. */
@@ -38,12 +41,14 @@ export interface BenchResults {
   /** cells[rowId][serverId] */
   readonly cells: Readonly<Record<string, Readonly<Record<string, Cell>>>>;
   readonly instances: readonly InstanceResult[];
+  /** File name of the ratio chart beside the report, linked from the Markdown if set. */
+  readonly chartFile?: string;
 }
 
 const GiB = 1 << 30;
 
 /** Ratio columns: [numerator, denominator] server ids, shown when both are selected. */
-const RATIO_PAIRS: ReadonlyArray<readonly [string, string]> = [
+export const RATIO_PAIRS: ReadonlyArray<readonly [string, string]> = [
   ["denbd", "qemu-nbd"],
   ["denbd", "nbdkit"],
 ];
@@ -73,6 +78,31 @@ export function cellCpuPerGiB(cell: Cell | undefined): number | undefined {
   return bytes > 0 ? cpu / (bytes / GiB) : undefined;
 }
 
+/** Largest per-run server peak RSS of a cell in KiB, or undefined if none was read. */
+export function cellPeakRssKiB(cell: Cell | undefined): number | undefined {
+  if (cell?.status !== "ok") return undefined;
+  const peak = Math.max(0, ...cell.samples.map((s) => s.peakRssKiB));
+  return peak > 0 ? peak : undefined;
+}
+
+/** Ratio of the medians of two cells, or undefined if either has no result. */
+export function cellRatio(a: Cell | undefined, b: Cell | undefined): number | undefined {
+  const x = cellMedian(a);
+  const y = cellMedian(b);
+  return x !== undefined && y !== undefined && y > 0 ? x / y : undefined;
+}
+
+/** Ratio pairs whose two servers are both part of `r`. */
+function selectedPairs(r: BenchResults): ReadonlyArray<readonly [string, string]> {
+  const ids = new Set(r.servers.map((s) => s.id));
+  return RATIO_PAIRS.filter(([a, b]) => ids.has(a) && ids.has(b));
+}
+
+/** A row title without its trailing unit (", MiB/s" or ", IOPS"). */
+function rowLabel(row: RowDef): string {
+  return row.title.replace(/, [^,]+$/, "");
+}
+
 function short(text: string, max = 90): string {
   const t = text.replace(/\|/g, "\\|");
   return t.length > max ? t.slice(0, max - 1) + "…" : t;
@@ -82,10 +112,26 @@ function formatValue(v: number, unit: RowDef["unit"]): string {
   return unit === "IOPS" ? Math.round(v).toLocaleString("en-US") : v.toFixed(0);
 }
 
-function cellText(cell: Cell | undefined, text: (c: Cell) => string | undefined): string {
+/**
+ * Table text of a cell: "—" if the server does not run the row, the error (in full in the main
+ * table, as a bare "error" in the cost tables) if it failed, else `text(cell)`.
+ */
+function cellText(
+  cell: Cell | undefined,
+  text: (c: Cell) => string | undefined,
+  opts: { fullError: boolean },
+): string {
   if (!cell || cell.status === "unsupported") return "—";
-  if (cell.status === "failed") return `n/a (${short(cell.error)})`;
+  if (cell.status === "failed") return opts.fullError ? `error: ${short(cell.error, 80)}` : "error";
   return text(cell) ?? "n/a";
+}
+
+/** Ratio column text: "—" when a server does not run the row, "error" when one failed. */
+function ratioText(a: Cell | undefined, b: Cell | undefined): string {
+  if (!a || !b || a.status === "unsupported" || b.status === "unsupported") return "—";
+  if (a.status === "failed" || b.status === "failed") return "error";
+  const ratio = cellRatio(a, b);
+  return ratio === undefined ? "n/a" : `${ratio.toFixed(2)}×`;
 }
 
 function table(head: readonly string[], body: readonly (readonly string[])[]): string {
@@ -95,19 +141,14 @@ function table(head: readonly string[], body: readonly (readonly string[])[]): s
 
 /** Renders the Markdown report. */
 export function renderMarkdown(r: BenchResults): string {
-  const ids = new Set(r.servers.map((s) => s.id));
-  const pairs = RATIO_PAIRS.filter(([a, b]) => ids.has(a) && ids.has(b));
+  const pairs = selectedPairs(r);
   const label = (id: string) => r.servers.find((s) => s.id === id)?.label ?? id;
 
   const perf = table(
     ["row", ...r.servers.map((s) => s.label), ...pairs.map(([a, b]) => `${label(a)}/${label(b)}`)],
     r.rows.map((row) => {
       const cells = r.cells[row.id] ?? {};
-      const ratios = pairs.map(([a, b]) => {
-        const x = cellMedian(cells[a]);
-        const y = cellMedian(cells[b]);
-        return x !== undefined && y !== undefined && y > 0 ? `${(x / y).toFixed(2)}×` : "n/a";
-      });
+      const ratios = pairs.map(([a, b]) => ratioText(cells[a], cells[b]));
       return [
         row.title,
         ...r.servers.map((s) =>
@@ -121,7 +162,7 @@ export function renderMarkdown(r: BenchResults): string {
               })`
               : "";
             return formatValue(m, row.unit) + spread;
-          })
+          }, { fullError: true })
         ),
         ...ratios,
       ];
@@ -133,8 +174,26 @@ export function renderMarkdown(r: BenchResults): string {
     r.rows.map((row) => {
       const cells = r.cells[row.id] ?? {};
       return [
-        row.title.replace(/, [^,]+$/, ""),
-        ...r.servers.map((s) => cellText(cells[s.id], (c) => cellCpuPerGiB(c)?.toFixed(2))),
+        rowLabel(row),
+        ...r.servers.map((s) =>
+          cellText(cells[s.id], (c) => cellCpuPerGiB(c)?.toFixed(2), { fullError: false })
+        ),
+      ];
+    }),
+  );
+
+  const rowRss = table(
+    ["row", ...r.servers.map((s) => s.label)],
+    r.rows.map((row) => {
+      const cells = r.cells[row.id] ?? {};
+      return [
+        rowLabel(row),
+        ...r.servers.map((s) =>
+          cellText(cells[s.id], (c) => {
+            const kib = cellPeakRssKiB(c);
+            return kib === undefined ? undefined : (kib / 1024).toFixed(1);
+          }, { fullError: false })
+        ),
       ];
     }),
   );
@@ -175,11 +234,16 @@ export function renderMarkdown(r: BenchResults): string {
     "",
     perf,
     "",
+    ...(r.chartFile ? [`![ratio chart](${r.chartFile})`, ""] : []),
     "## Server CPU seconds per GiB moved (user + system, all repeats; lower is better)",
     "",
     cpu,
     "",
-    "## Server peak RSS",
+    "## Server peak RSS per row, MiB (VmHWM reset before each run; largest run)",
+    "",
+    rowRss,
+    "",
+    "## Server peak RSS per instance (whole life, all rows)",
     "",
     rss,
     "",
@@ -207,7 +271,12 @@ export function renderJson(r: BenchResults): string {
         cells: Object.fromEntries(
           r.servers.map((s) => {
             const c = r.cells[row.id]?.[s.id] ?? { status: "unsupported" as const };
-            return [s.id, { ...c, median: cellMedian(c), cpuSecondsPerGiB: cellCpuPerGiB(c) }];
+            return [s.id, {
+              ...c,
+              median: cellMedian(c),
+              cpuSecondsPerGiB: cellCpuPerGiB(c),
+              peakRssKiB: cellPeakRssKiB(c),
+            }];
           }),
         ),
       })),
@@ -215,4 +284,37 @@ export function renderJson(r: BenchResults): string {
     null,
     2,
   ) + "\n";
+}
+
+/**
+ * The ratio chart of `r`: one group per row, one bar per ratio pair whose servers were both
+ * selected. A failed cell shows as a note instead of a bar; a row neither server of a pair
+ * supports shows nothing for that pair.
+ */
+export function ratioChartOf(r: BenchResults): RatioChart {
+  const pairs = selectedPairs(r);
+  const label = (id: string) => r.servers.find((s) => s.id === id)?.label ?? id;
+  const size = r.meta["image size"];
+  return {
+    title: "denbd throughput relative to other servers (> 1× means denbd is faster)",
+    subtitle: `${r.meta["date"]}, ${r.meta["mode"]} run, ${r.meta["repeats"]} repeat(s), ` +
+      `median ratios${typeof size === "string" ? `; ${size.replace(/,.*$/, "")} image` : ""}`,
+    series: pairs.map(([a, b]) => `${label(a)}/${label(b)}`),
+    groups: r.rows.map((row) => {
+      const cells = r.cells[row.id] ?? {};
+      return {
+        label: rowLabel(row),
+        values: pairs.map(([a, b]): RatioValue => {
+          const ca = cells[a];
+          const cb = cells[b];
+          if (!ca || !cb || ca.status === "unsupported" || cb.status === "unsupported") {
+            return undefined;
+          }
+          if (ca.status === "failed") return `${label(a)} error`;
+          if (cb.status === "failed") return `${label(b)} error`;
+          return cellRatio(ca, cb) ?? "n/a";
+        }),
+      };
+    }),
+  };
 }

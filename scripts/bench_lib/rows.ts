@@ -4,20 +4,32 @@
  * `fioRow({ rw: "randread", numjobs: 4 })`, `nbdcopyRow({ direction: "read", connections: 1 })`
  * or any of them with `format: "qcow2"`.
  *
+ * Row ids are systematic: `seq-<read|write>-nbdcopy-c<connections>-<format>` and
+ * `fio-<rw>-<bs>k-qd<iodepth>-j<jobs>-<format>`.
+ *
  * @module
  */
 
-import { runClient } from "./proc.ts";
+import { ClientError, runClient } from "./proc.ts";
+import { FORMAT_INFO } from "./types.ts";
 import type { ImageFormat, RowContext, RowDef, Sample } from "./types.ts";
 
 const MiB = 1 << 20;
+
+/** Throughput assumed by the start-up estimate for a whole-image copy, MiB/s. */
+const ESTIMATED_COPY_MIB_S = 400;
 
 /** Options of a whole-image nbdcopy row. */
 export interface NbdcopyRowOptions {
   readonly direction: "read" | "write";
   readonly format?: ImageFormat;
-  /** nbdcopy --connections; nbdcopy's default (4 when the server allows multi-conn) if unset. */
+  /**
+   * nbdcopy --connections; nbdcopy's default (4 when the server allows multi-conn) if unset.
+   * nbdcopy silently uses one connection when the server does not advertise multi-conn.
+   */
   readonly connections?: number;
+  /** Part of the `--quick` set (default false). */
+  readonly quick?: boolean;
 }
 
 /**
@@ -29,21 +41,31 @@ export interface NbdcopyRowOptions {
 export function nbdcopyRow(o: NbdcopyRowOptions): RowDef {
   const format = o.format ?? "raw";
   const conns = o.connections === undefined ? [] : [`--connections=${o.connections}`];
-  const id = `seq-${o.direction}-nbdcopy${o.connections ? `-c${o.connections}` : ""}-${format}`;
-  const title = `sequential ${o.direction} (nbdcopy${
-    o.connections ? `, ${o.connections} conn` : ""
-  }), ${format}, MiB/s`;
+  const c = o.connections === undefined ? "" : `-c${o.connections}`;
+  const connText = o.connections === undefined
+    ? ""
+    : `, ${o.connections} conn${o.connections > 1 ? "s" : ""}`;
   return {
-    id,
-    title,
+    id: `seq-${o.direction}-nbdcopy${c}-${format}`,
+    title: `sequential ${o.direction} (nbdcopy${connText}), ${FORMAT_INFO[format].label}, MiB/s`,
     format,
     unit: "MiB/s",
+    quick: o.quick ?? false,
+    estimateSeconds: (ctx) => 0.5 + ctx.imageBytes / MiB / ESTIMATED_COPY_MIB_S,
     run: async (ctx: RowContext): Promise<Sample> => {
       const argv = o.direction === "read"
         ? ["nbdcopy", ...conns, ctx.uri, "null:"]
         : ["nbdcopy", ...conns, "--sparse=0", ctx.sourceFile, ctx.uri];
-      const r = await runClient(argv);
-      return { value: ctx.imageBytes / MiB / r.seconds, bytes: ctx.imageBytes, seconds: r.seconds };
+      let seconds: number;
+      try {
+        ({ seconds } = await runClient(argv));
+      } catch (e) {
+        if (e instanceof ClientError) {
+          throw new Error(lastToolLine("nbdcopy", e.stderr) ?? e.message);
+        }
+        throw e;
+      }
+      return { value: ctx.imageBytes / MiB / seconds, bytes: ctx.imageBytes, seconds };
     },
   };
 }
@@ -58,6 +80,8 @@ export interface FioRowOptions {
   readonly iodepth?: number;
   /** Jobs, each with its own NBD connection (default 1). */
   readonly numjobs?: number;
+  /** Part of the `--quick` set (default false). */
+  readonly quick?: boolean;
 }
 
 /** A fio row; its value is total IOPS over all jobs. */
@@ -70,11 +94,14 @@ export function fioRow(o: FioRowOptions): RowDef {
   const jobs = numjobs > 1 ? `, ${numjobs} conns` : "";
   return {
     id,
-    title: `${bsKiB} KiB ${o.rw} (fio, QD${iodepth}${jobs}), ${format}, IOPS`,
+    title: `${bsKiB} KiB ${o.rw} (fio, QD${iodepth}${jobs}), ${FORMAT_INFO[format].label}, IOPS`,
     format,
     unit: "IOPS",
+    quick: o.quick ?? false,
+    // fio start-up, connection and JSON output on top of the timed part.
+    estimateSeconds: (ctx) => ctx.runtimeSeconds + 1,
     run: async (ctx: RowContext): Promise<Sample> => {
-      const r = await runClient([
+      const argv = [
         "fio",
         `--name=${id}`,
         "--ioengine=nbd",
@@ -86,11 +113,35 @@ export function fioRow(o: FioRowOptions): RowDef {
         `--runtime=${ctx.runtimeSeconds}`,
         "--time_based",
         "--output-format=json",
-      ]);
-      const totals = parseFioJson(r.stdout);
-      return { value: totals.iops, bytes: totals.bytes, seconds: r.seconds };
+      ];
+      let stdout: string;
+      let seconds: number;
+      try {
+        ({ stdout, seconds } = await runClient(argv));
+      } catch (e) {
+        if (e instanceof ClientError) throw new Error(summarizeFioFailure(e.stderr) ?? e.message);
+        throw e;
+      }
+      const totals = parseFioJson(stdout);
+      return { value: totals.iops, bytes: totals.bytes, seconds };
     },
   };
+}
+
+/**
+ * One line for a failed fio run from its stderr, e.g. "fio: write failed: Operation not permitted
+ * (first at offset 4046848)", or undefined if stderr has no I/O error line.
+ */
+export function summarizeFioFailure(stderr: string): string | undefined {
+  // fio: "io_u error on file NAME: MESSAGE: OP offset=N, buflen=M"
+  const m = /io_u error on file [^:\n]*: ([^\n]+?): (\w+) offset=(\d+)/.exec(stderr);
+  if (!m) return undefined;
+  return `fio: ${m[2]} failed: ${m[1]} (first at offset ${m[3]})`;
+}
+
+/** The last stderr line a tool prefixed with its own name (its error message), if any. */
+export function lastToolLine(tool: string, stderr: string): string | undefined {
+  return stderr.split("\n").map((l) => l.trim()).filter((l) => l.startsWith(`${tool}: `)).at(-1);
 }
 
 interface FioDir {
@@ -120,15 +171,33 @@ export function parseFioJson(stdout: string): { iops: number; bytes: number } {
   return { iops, bytes };
 }
 
-/** Rows run by default, in this order (issue 2). */
+/** fio 4 KiB random rows at QD1 and QD32, over 1 connection and 4 (issue 5). */
+function randomMatrix(format: ImageFormat, quick: readonly string[]): RowDef[] {
+  const rows: RowDef[] = [];
+  for (const rw of ["randread", "randwrite"] as const) {
+    for (const numjobs of [1, 4]) {
+      for (const iodepth of [1, 32]) {
+        const key = `${rw}-qd${iodepth}-j${numjobs}`;
+        rows.push(fioRow({ rw, iodepth, numjobs, format, quick: quick.includes(key) }));
+      }
+    }
+  }
+  return rows;
+}
+
+/** Every row, in run order (issues 2, 4 and 5). */
 export const ROW_DEFS: readonly RowDef[] = [
-  nbdcopyRow({ direction: "read" }),
-  nbdcopyRow({ direction: "write" }),
-  fioRow({ rw: "randread" }),
-  fioRow({ rw: "randwrite" }),
-  // qcow2 rows: reads only until the qcow2 write path lands.
-  nbdcopyRow({ direction: "read", format: "qcow2" }),
-  fioRow({ rw: "randread", format: "qcow2" }),
-  nbdcopyRow({ direction: "read", format: "qcow2-compressed" }),
+  // raw: nbdcopy over 1, 2 and 4 connections, then the fio matrix.
+  ...[1, 2, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, quick: c === 4 })),
+  ...[1, 2, 4].map((c) => nbdcopyRow({ direction: "write", connections: c, quick: c === 4 })),
+  ...randomMatrix("raw", ["randread-qd32-j1", "randwrite-qd32-j4"]),
+  // qcow2 with every cluster allocated: reads, and writes that overwrite in place.
+  nbdcopyRow({ direction: "read", connections: 4, format: "qcow2", quick: true }),
+  ...randomMatrix("qcow2", ["randread-qd32-j1", "randwrite-qd32-j1"]),
+  // Empty qcow2 (a fresh image per measurement): every write allocates.
+  nbdcopyRow({ direction: "write", connections: 4, format: "qcow2-empty", quick: true }),
+  fioRow({ rw: "randwrite", format: "qcow2-empty", quick: true }),
+  // zlib-compressed qcow2: reads only (qemu never writes compressed clusters in place).
+  nbdcopyRow({ direction: "read", connections: 4, format: "qcow2-compressed" }),
   fioRow({ rw: "randread", format: "qcow2-compressed" }),
 ];

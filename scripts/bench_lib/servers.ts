@@ -11,6 +11,7 @@
 import {
   readCpuSeconds,
   readPeakRssKiB,
+  resetPeakRss,
   settlesWithin,
   sleep,
   spawnTracked,
@@ -37,7 +38,7 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "denbd",
     label: "denbd",
-    formats: ["raw", "qcow2", "qcow2-compressed"],
+    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
     argv: (t) => [
       Deno.execPath(),
       "run",
@@ -57,7 +58,7 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
-    formats: ["raw", "qcow2", "qcow2-compressed"],
+    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
     // qemu-nbd's own defaults, spelled out.
     argv: (t) => [
       "qemu-nbd",
@@ -75,7 +76,7 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd-io_uring",
     label: "qemu-nbd (aio=io_uring)",
-    formats: ["raw", "qcow2", "qcow2-compressed"],
+    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
     argv: (t) => [
       "qemu-nbd",
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],
@@ -183,11 +184,29 @@ export class ServerHandle {
     return this.#child.pid;
   }
 
-  /** CPU seconds the server has used so far; also samples its peak RSS while it is alive. */
-  async cpuSeconds(): Promise<number> {
+  /**
+   * CPU seconds the server has used so far and its current peak RSS (VmHWM, KiB, 0 if unreadable);
+   * the peak also feeds the instance-wide maximum.
+   */
+  async usage(): Promise<{ cpuSeconds: number; peakRssKiB: number }> {
+    const pid = this.pid();
+    const peakRssKiB = await this.#samplePeakRss(pid);
+    return { cpuSeconds: await readCpuSeconds(pid), peakRssKiB };
+  }
+
+  /**
+   * Starts a new peak-RSS window (see `resetPeakRss`); the instance-wide maximum is kept. False if
+   * the kernel refused, in which case later readings are the peak since the server started.
+   */
+  async resetPeakRss(): Promise<boolean> {
     const pid = this.pid();
     await this.#samplePeakRss(pid);
-    return await readCpuSeconds(pid);
+    try {
+      await resetPeakRss(pid);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** Largest VmHWM seen, in KiB (0 if never sampled). */
@@ -195,11 +214,13 @@ export class ServerHandle {
     return this.#peakRssKiB;
   }
 
-  async #samplePeakRss(pid: number): Promise<void> {
+  async #samplePeakRss(pid: number): Promise<number> {
     try {
-      this.#peakRssKiB = Math.max(this.#peakRssKiB, await readPeakRssKiB(pid));
+      const kib = await readPeakRssKiB(pid);
+      this.#peakRssKiB = Math.max(this.#peakRssKiB, kib);
+      return kib;
     } catch {
-      // The process is exiting; keep the last value.
+      return 0; // The process is exiting; keep the last value.
     }
   }
 

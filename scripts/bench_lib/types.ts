@@ -6,8 +6,25 @@
  * @module
  */
 
-/** Image formats the benchmark can prepare. */
-export type ImageFormat = "raw" | "qcow2" | "qcow2-compressed";
+/**
+ * Images the benchmark can prepare:
+ * - `raw`: a copy of the dense pseudo-random master;
+ * - `qcow2`: the master converted to qcow2, so every cluster is allocated and holds data;
+ * - `qcow2-compressed`: a compressible variant of the master, every cluster zlib-compressed;
+ * - `qcow2-empty`: a fresh `qemu-img create -f qcow2` image with no cluster allocated. Writes
+ *   change what such an image measures, so every measurement gets a new one (and a new server).
+ */
+export type ImageFormat = "raw" | "qcow2" | "qcow2-compressed" | "qcow2-empty";
+
+/** How each image format is named in tables, and whether it must be fresh for every run. */
+export const FORMAT_INFO: Readonly<
+  Record<ImageFormat, { readonly label: string; readonly freshPerRun: boolean }>
+> = {
+  raw: { label: "raw", freshPerRun: false },
+  qcow2: { label: "qcow2 (allocated)", freshPerRun: false },
+  "qcow2-compressed": { label: "qcow2 (compressed)", freshPerRun: false },
+  "qcow2-empty": { label: "qcow2 (empty)", freshPerRun: true },
+};
 
 /** The `-f` driver name that serves an image format. */
 export function driverOf(format: ImageFormat): "raw" | "qcow2" {
@@ -70,6 +87,10 @@ export interface RowDef {
   readonly format: ImageFormat;
   /** Unit of `Sample.value`; higher is better for every unit. */
   readonly unit: "MiB/s" | "IOPS";
+  /** Part of the `--quick` smoke set when no `--rows` is given. */
+  readonly quick: boolean;
+  /** Rough wall-clock seconds of one client run, for the start-up estimate. */
+  readonly estimateSeconds: (ctx: Omit<RowContext, "uri" | "sourceFile">) => number;
   /** Runs the client once; throws an Error with context when the client fails. */
   readonly run: (ctx: RowContext) => Promise<Sample>;
 }
