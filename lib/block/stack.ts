@@ -23,6 +23,7 @@ import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, Errno } from "./types.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
+import { createTempOverlay } from "./qcow2/create.ts";
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
@@ -46,8 +47,51 @@ export async function openExportStack(
   options: ServerOptions,
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
+  const opened = await openImage(options, warn);
+  if (!options.snapshot) {
+    return { ...opened, device: applyFilters(opened.device, options) };
+  }
+  const overlay = await openSnapshotOverlay(opened.device);
+  return { ...opened, probed: false, device: applyFilters(overlay, options) };
+}
+
+/**
+ * -s/--snapshot as qemu-nbd does it: a temporary qcow2 (default options, the image's size) in
+ * qemu's temp directory, unlinked at once, on top of the image opened read-only; flushes of it
+ * are no-ops (qemu's cache.no-flush), and everything written is gone when the server exits.
+ */
+async function openSnapshotOverlay(base: BlockDevice): Promise<BlockDevice> {
+  let file: FileEngine;
+  try {
+    const path = await createTempOverlay({ size: base.size });
+    try {
+      file = openFileEngine(path, { writable: true });
+    } finally {
+      await Deno.remove(path).catch(() => {});
+    }
+  } catch (e) {
+    await base.close().catch(() => {});
+    throw e;
+  }
+  const overlay = await openQcow2(file, {
+    openBacking: () => Promise.reject(new BlockError(Errno.EINVAL, "overlay has no backing name")),
+    backingDevice: base,
+    writable: true,
+  }).catch(async (e) => {
+    await base.close().catch(() => {});
+    throw e;
+  });
+  return new UnsafeCacheFilter(overlay);
+}
+
+/** The image with its format driver and offset, before the option-driven filters. */
+async function openImage(
+  options: ServerOptions,
+  warn: (msg: string) => void,
+): Promise<OpenedImage> {
   const image = options.image;
-  const writable = !options.readOnly;
+  // With -s the image itself is only read; writes go to the overlay.
+  const writable = !options.readOnly && !options.snapshot;
   const direct = options.cache === "none" || options.cache === "directsync";
   const file = openFileEngine(image.filename, { writable, direct });
   let format: "raw" | "qcow2";
@@ -70,7 +114,7 @@ export async function openExportStack(
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
     }
-    return { device: applyFilters(dev, options), format, probed: false };
+    return { device: dev, format, probed: false };
   }
   try {
     if (probed) {
@@ -89,7 +133,7 @@ export async function openExportStack(
       minBlock: probed ? 512 : 1,
     });
     if (probed && writable) dev = new ProbeGuardFilter(dev);
-    return { device: applyFilters(dev, options), format, probed };
+    return { device: dev, format, probed };
   } catch (e) {
     file.close();
     throw e;

@@ -51,6 +51,8 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "allocation-depth",
   "list",
   "load-snapshot",
+  "snapshot",
+  "bitmap",
   "fork",
   "pid-file",
   "verbose",

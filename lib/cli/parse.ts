@@ -554,7 +554,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.tlsHostname !== undefined, "--tls-hostname is not supported yet"],
   [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
   [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
-  [(o) => o.snapshot, "-s/--snapshot is not supported yet"],
   [
     (o) => o.bitmaps.length > 0 && !o.readOnly,
     "-B/--bitmap is not supported yet on writable exports (add -r to export read-only)",

@@ -308,6 +308,8 @@ export interface ServerSpec {
   readonly waitReady?: boolean;
   /** Socket file name inside `dir` (default derived from kind and a counter). */
   readonly socketName?: string;
+  /** Extra environment variables for the server process (e.g. TMPDIR for -s). */
+  readonly env?: Readonly<Record<string, string>>;
 }
 
 let socketCounter = 0;
@@ -342,6 +344,7 @@ export class Server {
     const [cmd, ...args] = argv;
     this.#child = new Deno.Command(cmd!, {
       args,
+      env: spec.env === undefined ? undefined : { ...spec.env },
       stdin: "null",
       stdout: "piped",
       stderr: "piped",

@@ -74,6 +74,8 @@ export interface Qcow2OpenOptions {
   backing?: null | { readonly path: string; readonly format: "raw" | "qcow2" | undefined };
   /** Open for writing (the file must be open read-write). */
   writable?: boolean;
+  /** An already open backing device (the -s overlay's image); owned by the device from now. */
+  backingDevice?: BlockDevice;
   /** Warnings qemu prints at open (bitmaps invalidated by another program). */
   warn?: (message: string) => void;
 }
@@ -167,7 +169,9 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       warn: options.warn,
     });
     let backing: BlockDevice | undefined;
-    if (options.backing === null) {
+    if (options.backingDevice !== undefined) {
+      backing = options.backingDevice;
+    } else if (options.backing === null) {
       // No backing file: unallocated clusters read as zeroes.
     } else if (options.backing !== undefined) {
       backing = await options.openBacking(options.backing.path, options.backing.format, below);
