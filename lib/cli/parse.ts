@@ -554,10 +554,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.tlsHostname !== undefined, "--tls-hostname is not supported yet"],
   [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
   [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
-  [
-    (o) => o.bitmaps.length > 0 && !o.readOnly,
-    "-B/--bitmap is not supported yet on writable exports (add -r to export read-only)",
-  ],
   [(o) => o.trace.length > 0, "-T/--trace is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
   [(o) => o.aio === "native", "--aio=native is not supported yet"],

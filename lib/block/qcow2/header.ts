@@ -28,6 +28,24 @@ const EXT_BITMAPS = 0x23852875;
 const EXT_CRYPTO = 0x0537be77;
 const EXT_DATA_FILE = 0x44415441;
 
+/**
+ * Byte offset of the bitmaps extension's data in cluster 0, or undefined when there is none
+ * (to update it in place: its length is fixed).
+ */
+export function bitmapsExtensionOffset(cluster0: Uint8Array, h: Qcow2Header): number | undefined {
+  const v = new DataView(cluster0.buffer, cluster0.byteOffset, cluster0.byteLength);
+  const limit = Math.min(cluster0.length, h.clusterSize);
+  let pos = h.version === 2 ? 72 : h.headerLength;
+  while (pos + 8 <= limit) {
+    const type = v.getUint32(pos), len = v.getUint32(pos + 4);
+    pos += 8;
+    if (type === EXT_END || len > limit - pos) return undefined;
+    if (type === EXT_BITMAPS) return len === 24 ? pos : undefined;
+    pos += (len + 7) & ~7;
+  }
+  return undefined;
+}
+
 /** qemu's limits (block/qcow2.h). */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
 export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;

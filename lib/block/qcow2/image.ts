@@ -36,6 +36,7 @@ import { countReferencedClusters } from "./refcount.ts";
 import type { RefcountStore } from "./refcount_store.ts";
 import { IoEpochs } from "./sync.ts";
 import { Qcow2Writer } from "./writer.ts";
+import { markBitmapsInUse, storeBitmaps } from "./bitmap.ts";
 
 /** Everything the device needs, prepared by `openQcow2`. */
 export interface Qcow2DeviceInit {
@@ -642,7 +643,11 @@ export class Qcow2Device implements BlockDevice {
     this.#checkOpen();
     const writer = this.#writer;
     if (writer === undefined) throw new BlockError(Errno.EPERM, "qcow2 image is read-only");
-    if (!(await this.#writeInPlace(buf, offset))) await writer.write(buf, offset);
+    try {
+      if (!(await this.#writeInPlace(buf, offset))) await writer.write(buf, offset);
+    } finally {
+      this.bitmaps?.mark(offset, buf.length);
+    }
   }
 
   /**
@@ -679,7 +684,7 @@ export class Qcow2Device implements BlockDevice {
     if (writer === undefined) {
       return Promise.reject(new BlockError(Errno.EPERM, "qcow2 image is read-only"));
     }
-    return writer.discard(offset, length);
+    return writer.discard(offset, length).finally(() => this.bitmaps?.mark(offset, length));
   }
 
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
@@ -688,14 +693,31 @@ export class Qcow2Device implements BlockDevice {
     if (writer === undefined) {
       return Promise.reject(new BlockError(Errno.EPERM, "qcow2 image is read-only"));
     }
-    return writer.zero(offset, length, flags.noHole === true, flags.fastZero === true);
+    return writer.zero(offset, length, flags.noHole === true, flags.fastZero === true)
+      .finally(() => this.bitmaps?.mark(offset, length));
+  }
+
+  /** Read-write open with persistent bitmaps: flag them in use on disk, as qemu does. */
+  async markBitmapsInUse(): Promise<void> {
+    if (this.#writer === undefined || this.bitmaps === undefined) return;
+    await markBitmapsInUse(this.bitmaps, this.#writer.bitmapIo(this.header));
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
     // A clean close leaves every refcount exact: flush applies the queued decrements.
     let flushError: unknown;
-    if (this.#writer !== undefined) await this.#writer.flush().catch((e) => (flushError = e));
+    const writer = this.#writer;
+    if (writer !== undefined) {
+      try {
+        if (this.bitmaps !== undefined) {
+          await storeBitmaps(this.bitmaps, writer.bitmapIo(this.header));
+        }
+        await writer.flush();
+      } catch (e) {
+        flushError = e;
+      }
+    }
     this.#closed = true;
     this.#cache.clear();
     this.#decompressed.clear();

@@ -194,6 +194,8 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       l2SliceBytes: sliceBytes,
     });
     device.bitmaps = bitmaps;
+    // On failure the catch below closes the file and backing files (nothing else is started).
+    if (refs !== undefined) await device.markBitmapsInUse();
     return device;
   } catch (e) {
     for (const d of opened) await d.close().catch(() => {});
@@ -223,9 +225,6 @@ async function openForWriting(file: FileEngine, h: Qcow2Header): Promise<Refcoun
     refuse("with the dirty bit set (run 'qemu-img check -r all' first)");
   }
   if (h.dataFile !== undefined) refuse("with an external data file");
-  if (h.bitmaps !== undefined && (h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
-    refuse("with persistent bitmaps");
-  }
   const known = BigInt(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
   if (h.version === 3 && (h.autoclear & ~known) !== 0n) {
     const buf = new Uint8Array(8);

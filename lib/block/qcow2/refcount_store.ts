@@ -147,6 +147,29 @@ export class RefcountStore {
     return out;
   }
 
+  /**
+   * Allocate `n` contiguous free clusters (first fit) for a structure that must be contiguous
+   * (bitmap tables, directories); returns the host offset.
+   */
+  async allocContiguous(n: number): Promise<number> {
+    if (n >= this.#perBlock) {
+      throw new BlockError(
+        Errno.EFBIG,
+        `qcow2 '${this.#file.path}': cannot allocate ${n} contiguous clusters`,
+      );
+    }
+    let start = Math.max(this.#freeHint, 1);
+    for (let c = start; c < start + n; c++) {
+      if ((c + 1) * this.#cs > Number.MAX_SAFE_INTEGER) {
+        throw new BlockError(Errno.ENOSPC, `qcow2 '${this.#file.path}': image file too large`);
+      }
+      const { block, index } = await this.#slot(c);
+      if (this.#read(block, index) !== 0) start = c + 1;
+    }
+    for (let c = start; c < start + n; c++) await this.add(c, 1);
+    return start * this.#cs;
+  }
+
   /** Queue a decrement of every cluster touched by host bytes `[offset, offset+length)`. */
   queueDecrement(offset: number, length: number): void {
     const first = Math.floor(offset / this.#cs);

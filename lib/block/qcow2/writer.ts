@@ -21,9 +21,13 @@ import { type BlockDevice, BlockError, Errno, ExtentList, STATE_ZERO } from "../
 import { compressedDescriptor, entryOffset, extendedKind, Kind, standardKind } from "./entry.ts";
 import type { L2Cache } from "./l2_cache.ts";
 import type { RefcountStore } from "./refcount_store.ts";
+import { type BitmapStoreIo, encodeBitmapsExtension } from "./bitmap.ts";
+import { bitmapsExtensionOffset, type Qcow2Header } from "./header.ts";
 import { type IoEpochs, KeyedLocks, Mutex } from "./sync.ts";
 
 const COPIED = 0x80000000;
+/** Header offset of the autoclear feature bits (u64; bit 0 = bitmaps valid). */
+const HEADER_AUTOCLEAR = 88;
 const COMPRESSED = 0x40000000;
 const ALL = 0xffffffff;
 
@@ -659,6 +663,37 @@ export class Qcow2Writer {
       const r = this.#oldHostRange(e, compressed ? Kind.Compressed : Kind.Data, host);
       if (r !== undefined) h.refs.queueDecrement(r[0], r[1]);
     }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Persistent bitmaps: what bitmap.ts needs to mark them in use and store them on close
+
+  /** The allocation, header and flush hooks of {@link storeBitmaps} / {@link markBitmapsInUse}. */
+  bitmapIo(header: Qcow2Header): BitmapStoreIo {
+    const h = this.#h, cs = this.#cs;
+    return {
+      clusterSize: cs,
+      allocate: (bytes) =>
+        this.#meta.run(() => h.refs.allocContiguous(Math.max(1, Math.ceil(bytes / cs)))),
+      write: (offset, data) => h.file.pwrite(data, offset),
+      flushCaches: () => this.flush(),
+      updateHeader: async (ext, autoclearBitmaps) => {
+        const cluster0 = new Uint8Array(cs);
+        const n = await h.file.pread(cluster0, 0);
+        const at = bitmapsExtensionOffset(cluster0.subarray(0, n), header);
+        if (at === undefined) {
+          throw this.#error(Errno.EIO, "the bitmaps header extension disappeared");
+        }
+        cluster0.set(encodeBitmapsExtension(ext), at);
+        const v = new DataView(cluster0.buffer);
+        const lo = v.getUint32(HEADER_AUTOCLEAR + 4);
+        v.setUint32(HEADER_AUTOCLEAR + 4, autoclearBitmaps ? (lo | 1) >>> 0 : (lo & ~1) >>> 0);
+        await h.file.pwrite(cluster0.subarray(0, at + 24), 0);
+        await h.file.sync();
+      },
+      free: (offset, bytes) =>
+        this.#meta.run(() => Promise.resolve(h.refs.queueDecrement(offset, bytes))),
+    };
   }
 
   // -------------------------------------------------------------------------------------------
