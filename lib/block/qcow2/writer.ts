@@ -81,6 +81,8 @@ interface Piece {
 
 /** Dirty L2 bytes that trigger a flush (dirty slices cannot be evicted, so this bounds them). */
 const DIRTY_BYTES_FLUSH = 16 * 1024 * 1024;
+/** Largest zero fill written as bytes rather than fallocated (see #writePieces). */
+const ZERO_FILL_BY_WRITE_MAX = 64 * 1024;
 /** Queued decrements that trigger a flush. */
 const PENDING_FLUSH = 8192;
 
@@ -302,6 +304,16 @@ export class Qcow2Writer {
     for (const p of pieces) {
       const base = p.cluster * cs;
       const data = buf.subarray(base + p.from - offset, base + p.to - offset);
+      // A fill that reads as zeroes: small spans are written as zero bytes with the data (one
+      // page-cache write, cheaper here than a fallocate that may wait on the journal); large
+      // ones are zeroed with fallocate like qemu's handle_alloc_space, then the data written.
+      const spanBytes = p.spanTo - p.spanFrom;
+      if (p.zeroFill && spanBytes <= ZERO_FILL_BY_WRITE_MAX) {
+        const span = new Uint8Array(spanBytes);
+        span.set(data, p.from - p.spanFrom);
+        segs.push({ host: p.host + p.spanFrom, data: span });
+        continue;
+      }
       if (p.zeroFill) {
         await this.#io(() => this.#h.file.zeroRange(p.host, cs)).catch((e) => {
           if (!(e instanceof BlockError) || e.errno !== Errno.ENOTSUP) throw e;
