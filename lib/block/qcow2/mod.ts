@@ -26,6 +26,7 @@ import {
 import { Qcow2Device, readZeroPadded } from "./image.ts";
 import { loadImageBitmaps } from "./bitmap.ts";
 import { RefcountStore } from "./refcount_store.ts";
+import { repairDirtyImage } from "./repair.ts";
 import {
   MAX_SNAPSHOT_TABLE_BYTES,
   parseSnapshotTable,
@@ -195,6 +196,13 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
     });
     device.bitmaps = bitmaps;
     // On failure the catch below closes the file and backing files (nothing else is started).
+    if (refs !== undefined && (header.incompatible & BigInt(INCOMPAT_DIRTY)) !== 0n) {
+      // A crash left lazy refcounts behind: qemu repairs them before writing, so do we.
+      const fixed = await repairDirtyImage({ file, header, refs, l1, snapshots, bitmaps });
+      options.warn?.(
+        `Repaired ${fixed} refcount(s) of '${file.path}', left dirty by lazy refcounts`,
+      );
+    }
     if (refs !== undefined) await device.markBitmapsInUse();
     return device;
   } catch (e) {
@@ -221,9 +229,6 @@ async function openForWriting(file: FileEngine, h: Qcow2Header): Promise<Refcoun
       `'${file.path}': writing qcow2 images ${what} is not supported yet (use -r to export it read-only)`,
     );
   };
-  if ((h.incompatible & BigInt(INCOMPAT_DIRTY)) !== 0n) {
-    refuse("with the dirty bit set (run 'qemu-img check -r all' first)");
-  }
   if (h.dataFile !== undefined) refuse("with an external data file");
   const known = BigInt(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
   if (h.version === 3 && (h.autoclear & ~known) !== 0n) {

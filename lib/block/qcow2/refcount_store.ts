@@ -86,6 +86,59 @@ export class RefcountStore {
     return s;
   }
 
+  /** Where the refcount table is now, and its size in clusters. */
+  get tableOffset(): number {
+    return this.#tableOffset;
+  }
+  get tableClusters(): number {
+    return this.#tableClusters;
+  }
+
+  /** Host offsets of every refcount block. */
+  blockOffsets(): number[] {
+    return this.#table.filter((off) => off !== 0);
+  }
+
+  /**
+   * Set every refcount to `counts` (cluster index → references; absent = 0), creating blocks
+   * for referenced ranges that have none. Returns how many refcounts changed. For the repair
+   * of a dirty image: the caller counted every reference, the refcount structures included.
+   */
+  async rebuild(counts: Map<number, number>): Promise<number> {
+    const per = this.#perBlock;
+    const fail = (why: string) =>
+      new BlockError(
+        Errno.EIO,
+        `qcow2 '${this.#file.path}': cannot repair refcounts (${why}); run 'qemu-img check -r all'`,
+      );
+    for (const c of [...counts.keys()]) {
+      const rt = Math.floor(c / per);
+      if (rt >= this.#table.length) throw fail(`cluster ${c} is beyond the refcount table`);
+      if (this.#table[rt] === 0) {
+        // The new block takes the first cluster of its range: it must be unreferenced.
+        if (counts.has(rt * per)) throw fail(`no free place for the refcount block ${rt}`);
+        await this.#slot(c);
+        counts.set(rt * per, 1);
+      }
+    }
+    let changed = 0;
+    for (let rt = 0; rt < this.#table.length; rt++) {
+      const off = this.#table[rt]!;
+      if (off === 0) continue;
+      const b = await this.#block(off);
+      for (let i = 0; i < per; i++) {
+        const want = counts.get(rt * per + i) ?? 0;
+        if (want > this.#max) throw fail(`refcount overflow at cluster ${rt * per + i}`);
+        if (this.#read(b, i) === want) continue;
+        this.#write(b, i, want);
+        this.#dirty.add(off);
+        changed++;
+      }
+    }
+    this.#freeHint = 0;
+    return changed;
+  }
+
   /** Decrements waiting for the next flush. */
   get pendingCount(): number {
     return this.#pending.length;

@@ -15,6 +15,8 @@ export interface SnapshotEntry {
   readonly name: string;
   /** Virtual disk size at snapshot time, when the entry's extra data has it. */
   readonly diskSize: number | undefined;
+  /** Bytes the entry takes in the table, padding included. */
+  readonly entryBytes: number;
 }
 
 /** Which snapshot to load: both given ⇒ both must match; one given ⇒ that one must match. */
@@ -75,6 +77,7 @@ export function parseSnapshotTable(
       id: decoder.decode(table.subarray(idStart, idStart + idLen)),
       name: decoder.decode(table.subarray(idStart + idLen, end)),
       diskSize,
+      entryBytes: ((end + 7) & ~7) - pos,
     });
     pos = (end + 7) & ~7;
   }
