@@ -40,6 +40,15 @@ export class RawDevice implements BlockDevice {
   readonly caps: Capabilities;
   readonly #file: FileEngine;
   readonly #offset: number;
+  /**
+   * The last data run SEEK_DATA/SEEK_HOLE found, [start, end) in file offsets. Every sparse read
+   * asks for extents, and two lseeks per 4 KiB read cost ~10% of a random-read workload; a write
+   * cannot turn data into a hole, so the run stays valid until this device punches one.
+   * (Another process punching holes in the file would make reads of them send zero data where
+   * a hole chunk would have done: the same bytes.)
+   */
+  #dataStart = 0;
+  #dataEnd = 0;
 
   constructor(file: FileEngine, options: RawOptions) {
     this.#file = file;
@@ -96,7 +105,7 @@ export class RawDevice implements BlockDevice {
 
   async trim(offset: number, length: number, _flags: WriteFlags): Promise<void> {
     try {
-      await this.#file.punchHole(this.#offset + offset, length);
+      await this.#punchHole(this.#offset + offset, length);
     } catch (e) {
       // Discard is a hint: a filesystem that cannot punch holes simply keeps the data.
       if (!(e instanceof BlockError && e.errno === Errno.ENOTSUP)) throw e;
@@ -107,7 +116,7 @@ export class RawDevice implements BlockDevice {
     const at = this.#offset + offset;
     if (!flags.noHole) {
       try {
-        await this.#file.punchHole(at, length);
+        await this.#punchHole(at, length);
         // Punching keeps the file size; a range past the end must still exist afterwards.
         if (at + length > this.#file.length()) await this.#file.zeroRange(at, length);
         return;
@@ -136,12 +145,28 @@ export class RawDevice implements BlockDevice {
     return Promise.resolve();
   }
 
+  /** Punch a hole, forgetting the known data run on both sides of the wait. */
+  async #punchHole(at: number, length: number): Promise<void> {
+    this.#dataStart = this.#dataEnd = 0;
+    try {
+      await this.#file.punchHole(at, length);
+    } finally {
+      this.#dataStart = this.#dataEnd = 0;
+    }
+  }
+
   extents(offset: number, length: number, out: ExtentList): Promise<void> {
     const file = this.#file;
     const base = this.#offset;
     const end = offset + length;
     let pos = offset;
     while (pos < end && !out.full) {
+      if (base + pos >= this.#dataStart && base + pos < this.#dataEnd) {
+        const stop = Math.min(this.#dataEnd - base, end);
+        out.add(stop - pos, 0);
+        pos = stop;
+        continue;
+      }
       const data = file.seekData(base + pos);
       if (data === -1 || data - base >= end) {
         out.add(end - pos, STATE_HOLE | STATE_ZERO); // trailing hole
@@ -153,6 +178,10 @@ export class RawDevice implements BlockDevice {
         continue;
       }
       const hole = file.seekHole(base + pos) - base;
+      if (hole > pos) {
+        this.#dataStart = base + pos;
+        this.#dataEnd = base + hole;
+      }
       const stop = Math.min(Math.max(hole, pos + 1), end);
       out.add(stop - pos, 0);
       pos = stop;

@@ -219,3 +219,35 @@ Deno.test("O_DIRECT engine: unaligned reads and writes, concurrent overlapping w
     e.close();
   });
 });
+
+Deno.test("raw: a known data run answers extents without lseek until a hole is punched", async () => {
+  await withImage(8 * MiB, async (path) => {
+    const file = openFileEngine(path, { writable: true });
+    let seeks = 0;
+    // Every call goes to the real engine; the two lseeks are counted on the way.
+    const counted = new Proxy(file, {
+      get(target, key) {
+        if (key === "seekData" || key === "seekHole") seeks++;
+        const v = Reflect.get(target, key, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+    const dev = new RawDevice(counted, { writable: true, offset: 0, size: undefined, minBlock: 1 });
+    await dev.pwrite(new Uint8Array(2 * MiB).fill(7), 2 * MiB, {});
+    const map = async (offset: number, length: number) => {
+      const ext = new ExtentList(64);
+      await dev.extents(offset, length, ext);
+      return ext.pairs;
+    };
+    assert.deepEqual(await map(2 * MiB, 4096), [4096, 0]);
+    const first = seeks;
+    assert.ok(first > 0);
+    for (let i = 0; i < 100; i++) assert.deepEqual(await map(2 * MiB + i * 4096, 4096), [4096, 0]);
+    assert.equal(seeks, first, "reads inside the known run must not seek");
+    // Punching a hole in the middle forgets the run: the hole is reported at once.
+    await dev.trim(3 * MiB, MiB, {});
+    assert.deepEqual(await map(3 * MiB, 4096), [4096, STATE_HOLE | STATE_ZERO]);
+    assert.deepEqual(await map(2 * MiB, 2 * MiB), [MiB, 0, MiB, STATE_HOLE | STATE_ZERO]);
+    await dev.close();
+  });
+});
