@@ -66,6 +66,33 @@ const SYMBOLS = {
   dup2: { parameters: ["i32", "i32"], result: "i32" },
   // int flock(int fd, int operation)
   flock: { parameters: ["i32", "i32"], result: "i32" },
+  // long syscall(long number, ...) with six integer arguments (io_uring has no libc wrappers)
+  syscall: {
+    parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"],
+    result: "i64",
+  },
+  // The same on Deno's blocking pool, for a call that sleeps (io_uring_enter waiting for CQEs).
+  syscall_nb: {
+    name: "syscall",
+    parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
+  // void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+  mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
+  // int munmap(void *addr, size_t length)
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  // int eventfd(unsigned int initval, int flags)
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  // ssize_t read(int fd, void *buf, size_t count) on the blocking pool (a parked eventfd read)
+  read_nb: {
+    name: "read",
+    parameters: ["i32", "buffer", "usize"],
+    result: "isize",
+    nonblocking: true,
+  },
+  // ssize_t write(int fd, const void *buf, size_t count)
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 let lib: Deno.DynamicLibrary<typeof SYMBOLS> | undefined;
@@ -100,6 +127,13 @@ export const POSIX_FADV_WILLNEED = 3;
 /** preadv2 flag: fail with EAGAIN instead of waiting for the disk (page-cache hits only). */
 export const RWF_NOWAIT = 0x08;
 export const EAGAIN = 11;
+
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_POPULATE = 0x8000;
+/** eventfd(2) flag, the same bit as O_CLOEXEC. */
+export const EFD_CLOEXEC = 0o2000000;
 
 export const LOCK_SH = 1;
 export const LOCK_EX = 2;

@@ -12,7 +12,7 @@
  */
 
 import type { ServerOptions } from "../cli/options.ts";
-import { type FileEngine, openFileEngine } from "../io/file_engine.ts";
+import { type FileEngine, openFileEngine, type OpenOptions } from "../io/file_engine.ts";
 import { UnsafeCacheFilter, WriteThroughFilter } from "./filters/cache_mode.ts";
 import { DetectZeroesFilter } from "./filters/detect_zeroes.ts";
 import { DiscardIgnoreFilter } from "./filters/discard.ts";
@@ -42,16 +42,33 @@ export async function probeFormat(file: FileEngine): Promise<"raw" | "qcow2"> {
   return n === 4 && QCOW2_MAGIC.every((b, i) => head[i] === b) ? "qcow2" : "raw";
 }
 
+/** How every file of the export is opened (image, backing files, overlay): the engine. */
+type EngineOptions = Pick<OpenOptions, "direct" | "aio" | "log">;
+
+/** --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads. */
+function engineOptions(options: ServerOptions, warn: (msg: string) => void): EngineOptions {
+  if (options.aio === "native") {
+    // Refused by unsupportedOptions() before anything is opened.
+    throw new BlockError(Errno.ENOTSUP, "--aio=native is not supported yet");
+  }
+  return {
+    direct: options.cache === "none" || options.cache === "directsync",
+    aio: options.aio,
+    log: options.verbose ? warn : undefined,
+  };
+}
+
 /** Open the image named in the options and build the filter stack over it. */
 export async function openExportStack(
   options: ServerOptions,
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
-  const opened = await openImage(options, warn);
+  const engine = engineOptions(options, warn);
+  const opened = await openImage(options, engine, warn);
   if (!options.snapshot) {
     return { ...opened, device: applyFilters(opened.device, options) };
   }
-  const overlay = await openSnapshotOverlay(opened.device);
+  const overlay = await openSnapshotOverlay(opened.device, engine);
   return { ...opened, probed: false, device: applyFilters(overlay, options) };
 }
 
@@ -60,12 +77,16 @@ export async function openExportStack(
  * qemu's temp directory, unlinked at once, on top of the image opened read-only; flushes of it
  * are no-ops (qemu's cache.no-flush), and everything written is gone when the server exits.
  */
-async function openSnapshotOverlay(base: BlockDevice): Promise<BlockDevice> {
+async function openSnapshotOverlay(
+  base: BlockDevice,
+  engine: EngineOptions,
+): Promise<BlockDevice> {
   let file: FileEngine;
   try {
     const path = await createTempOverlay({ size: base.size });
     try {
-      file = openFileEngine(path, { writable: true });
+      // A temporary file whose flushes are ignored: it always goes through the page cache.
+      file = openFileEngine(path, { ...engine, writable: true, direct: false });
     } finally {
       await Deno.remove(path).catch(() => {});
     }
@@ -87,13 +108,13 @@ async function openSnapshotOverlay(base: BlockDevice): Promise<BlockDevice> {
 /** The image with its format driver and offset, before the option-driven filters. */
 async function openImage(
   options: ServerOptions,
+  engine: EngineOptions,
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
   const image = options.image;
   // With -s the image itself is only read; writes go to the overlay.
   const writable = !options.readOnly && !options.snapshot;
-  const direct = options.cache === "none" || options.cache === "directsync";
-  const file = openFileEngine(image.filename, { writable, direct });
+  const file = openFileEngine(image.filename, { ...engine, writable });
   let format: "raw" | "qcow2";
   try {
     format = image.format ?? await probeFormat(file);
@@ -105,7 +126,7 @@ async function openImage(
   if (format === "qcow2") {
     // openQcow2 owns the file from here on (it closes it if opening fails).
     let dev = await openQcow2(file, {
-      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, direct, warn),
+      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
       snapshot: options.loadSnapshot,
       warn,
       backing: backingOverride(image.raw, warn),
@@ -193,10 +214,10 @@ async function openBackingImage(
   path: string,
   format: "raw" | "qcow2" | undefined,
   chain: BackingChain,
-  direct: boolean,
+  engine: EngineOptions,
   warn: (msg: string) => void,
 ): Promise<BlockDevice> {
-  const file = openFileEngine(path, { writable: false, direct });
+  const file = openFileEngine(path, { ...engine, writable: false });
   let fmt: "raw" | "qcow2";
   try {
     fmt = format ?? await probeFormat(file);
@@ -206,7 +227,7 @@ async function openBackingImage(
   }
   if (fmt === "qcow2") {
     return await openQcow2(file, {
-      openBacking: (p, f, c) => openBackingImage(p, f, c, direct, warn),
+      openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn),
       chain,
       warn,
     });

@@ -212,7 +212,10 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "aio",
         usage: "    --aio=MODE",
-        text: ["I/O engine: threads (the default, and for now the", "only one)"],
+        text: [
+          "I/O engine: 'threads' or 'io_uring' (default:",
+          "io_uring where the kernel allows it, else threads)",
+        ],
       },
       {
         id: "discard",

@@ -6,7 +6,8 @@
  */
 
 export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "unsafe";
-export type AioMode = "threads" | "native" | "io_uring";
+/** --aio MODE; "auto" when --aio is not given (io_uring where the kernel allows it, else threads). */
+export type AioMode = "threads" | "native" | "io_uring" | "auto";
 export type DiscardMode = "ignore" | "unmap";
 export type DetectZeroesMode = "off" | "on" | "unmap";
 export type ImageFormat = "raw" | "qcow2";
@@ -55,7 +56,7 @@ export interface ServerOptions {
   readonly description: string | undefined;
   /** --cache (default writeback; -n means none). */
   readonly cache: CacheMode;
-  /** --aio (default threads). */
+  /** --aio (default "auto": io_uring where available, else threads). */
   readonly aio: AioMode;
   /** --discard (default ignore). */
   readonly discard: DiscardMode;

@@ -460,7 +460,8 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     exportName: d.exportName ?? "",
     description: d.description,
     cache: d.cache ?? "writeback",
-    aio: d.aio ?? "threads",
+    // qemu-nbd defaults to threads; denbd to its faster engine (scripts/engine_bench.ts).
+    aio: d.aio ?? "auto",
     discard: d.discard ?? "ignore",
     detectZeroes: d.detectZeroes,
     allocationDepth: d.allocationDepth,
@@ -557,7 +558,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.trace.length > 0, "-T/--trace is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
   [(o) => o.aio === "native", "--aio=native is not supported yet"],
-  [(o) => o.aio === "io_uring", "--aio=io_uring is not supported yet"],
 ];
 
 /** --image-opts keys denbd acts on; any other key is reported as not supported yet. */

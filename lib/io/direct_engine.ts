@@ -44,19 +44,33 @@ interface Range {
   readonly done: Promise<void>;
 }
 
+export interface DirectOptions {
+  /**
+   * The engine that moves the aligned transfers, given the O_DIRECT descriptor (which it then
+   * owns); the thread engine by default.
+   */
+  readonly inner?: (fd: number) => FileEngine;
+}
+
 export class DirectFileEngine implements FileEngine {
   readonly path: string;
   readonly fd: number;
   /** Required alignment of offsets, lengths and buffer addresses. */
   readonly alignment: number;
-  readonly #inner: ThreadFileEngine;
+  readonly #inner: FileEngine;
   readonly #writes = new Set<Range>();
 
-  constructor(path: string, writable: boolean) {
+  constructor(path: string, writable: boolean, options: DirectOptions = {}) {
     this.path = path;
     this.fd = openFile(path, (writable ? O_RDWR : O_RDONLY) | O_DIRECT);
-    this.alignment = probeDirectAlignment(this.fd);
-    this.#inner = new ThreadFileEngine(path, { writable, direct: true, fd: this.fd });
+    try {
+      this.alignment = probeDirectAlignment(this.fd);
+      this.#inner = options.inner?.(this.fd) ??
+        new ThreadFileEngine(path, { writable, direct: true, fd: this.fd });
+    } catch (e) {
+      libc().close(this.fd);
+      throw e;
+    }
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<number> {

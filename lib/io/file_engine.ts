@@ -1,12 +1,12 @@
 /**
  * Positional file I/O behind one small interface, so engines (threads through `nonblocking` FFI,
- * io_uring) are interchangeable. Everything here works on a raw fd opened with FFI `open()`.
+ * io_uring in uring_engine.ts) are interchangeable. Everything here works on a raw fd opened with
+ * FFI `open()`.
  *
  * @module
  */
 
 import {
-  EAGAIN,
   errno,
   errnoError,
   FALLOC_FL_KEEP_SIZE,
@@ -18,13 +18,21 @@ import {
   O_RDWR,
   openFile,
   POSIX_FADV_WILLNEED,
-  RWF_NOWAIT,
   SEEK_DATA,
   SEEK_END,
   SEEK_HOLE,
 } from "../../ffi/libc.ts";
 import { BlockError, Errno } from "../block/types.ts";
 import { DirectFileEngine } from "./direct_engine.ts";
+import { PageCacheShortcut } from "./page_cache.ts";
+import { UringFileEngine } from "./uring_engine.ts";
+import { IoUringUnavailableError } from "../../ffi/io_uring.ts";
+
+/**
+ * Which engine moves the bytes: the thread engine, the io_uring engine, or "auto" (io_uring
+ * where the kernel allows it, else threads).
+ */
+export type EngineChoice = "threads" | "io_uring" | "auto";
 
 /** How an image file is opened. */
 export interface OpenOptions {
@@ -33,6 +41,10 @@ export interface OpenOptions {
   readonly direct?: boolean;
   /** Use this already open descriptor instead of opening `path` (engines layered on one fd). */
   readonly fd?: number;
+  /** Engine for {@linkcode openFileEngine} (default "threads"). */
+  readonly aio?: EngineChoice;
+  /** Where "auto" says, once per process, that it fell back to threads (-v's stderr). */
+  readonly log?: (msg: string) => void;
 }
 
 /** Positional I/O on one open file. */
@@ -67,31 +79,24 @@ export interface FileEngine {
  * at once). errno is not readable after such a call, so a failed call is repeated synchronously
  * to learn why (deno-notes §2); that path is taken only on errors.
  */
-/** Largest write done on the event-loop thread (see #pwriteInline). */
-const INLINE_WRITE_MAX = 64 * 1024;
-
 export class ThreadFileEngine implements FileEngine {
   readonly path: string;
   readonly fd: number;
   #closed = false;
-  #nowait: boolean;
-  readonly #iov = new BigUint64Array(2);
-  #inlineWritesOffUntil = 0;
-  readonly #iovBytes = new Uint8Array(this.#iov.buffer);
+  readonly #cache: PageCacheShortcut;
 
   constructor(path: string, options: OpenOptions) {
     this.path = path;
     const flags = (options.writable ? O_RDWR : O_RDONLY) | (options.direct ? O_DIRECT : 0);
     this.fd = options.fd ?? openFile(path, flags);
     // O_DIRECT bypasses the page cache, so a cached read can never hit.
-    this.#nowait = !options.direct;
+    this.#cache = new PageCacheShortcut(this.fd, !options.direct);
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<number> {
-    // Page-cache hits are served synchronously (a memcpy, ~1.5 us for 4 KiB), which is far cheaper
-    // than a hop to the blocking pool; RWF_NOWAIT makes the kernel refuse rather than wait for the
-    // disk, and only what is not cached goes to the pool.
-    let done = this.#preadCached(buf, offset);
+    // Page-cache hits are served synchronously, which is far cheaper than a hop to the blocking
+    // pool; only what is not cached goes to the pool.
+    let done = this.#cache.read(buf, offset);
     if (done === buf.length) return done;
     if (done < 0) done = 0;
     while (done < buf.length) {
@@ -113,40 +118,8 @@ export class ThreadFileEngine implements FileEngine {
     return done;
   }
 
-  /**
-   * Small buffered writes go straight to the page cache on this thread (~25 us, ~25% less CPU
-   * than a pool hop). A write can stall under dirty-page throttling, so one that takes over
-   * 1 ms sends every write to the pool for the next second: a stall costs at most ~1 ms.
-   * Returns the bytes written, or -1 when the pool should do it.
-   */
-  #pwriteInline(buf: Uint8Array, offset: number): number {
-    if (!this.#nowait || buf.length > INLINE_WRITE_MAX || buf.length === 0) return -1;
-    const now = performance.now();
-    if (now < this.#inlineWritesOffUntil) return -1;
-    const iov = this.#iov;
-    iov[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
-    iov[1] = BigInt(buf.length);
-    const n = Number(libc().pwritev2(this.fd, this.#iovBytes, 1, BigInt(offset), 0));
-    if (performance.now() - now > 1) this.#inlineWritesOffUntil = performance.now() + 1000;
-    return n;
-  }
-
-  /** Synchronous read of whatever is in the page cache: bytes read, 0 at EOF, -1 if none cached. */
-  #preadCached(buf: Uint8Array, offset: number): number {
-    if (!this.#nowait || buf.length === 0) return -1;
-    const iov = this.#iov;
-    iov[0] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
-    iov[1] = BigInt(buf.length);
-    const n = Number(libc().preadv2(this.fd, this.#iovBytes, 1, BigInt(offset), RWF_NOWAIT));
-    if (n >= 0) return n;
-    const err = errno();
-    // Kernels or filesystems without RWF_NOWAIT say EOPNOTSUPP/EINVAL: stop trying.
-    if (err !== EAGAIN) this.#nowait = false;
-    return -1;
-  }
-
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    let done = this.#pwriteInline(buf, offset);
+    let done = this.#cache.write(buf, offset);
     if (done === buf.length) return;
     if (done < 0) done = 0;
     while (done < buf.length) {
@@ -237,8 +210,36 @@ export class ThreadFileEngine implements FileEngine {
   }
 }
 
-/** Open an image file: the O_DIRECT engine when asked for, else the thread engine. */
+/** Why io_uring could not be set up, once it failed ("auto" then stops trying). */
+let uringUnavailable: string | undefined;
+let fallbackReported = false;
+
+/**
+ * Open an image file with the engine `options.aio` asks for, wrapped in the O_DIRECT engine for
+ * `direct`. "io_uring" fails when io_uring cannot be set up; "auto" then falls back to threads.
+ */
 export function openFileEngine(path: string, options: OpenOptions): FileEngine {
-  if (options.direct) return new DirectFileEngine(path, options.writable);
+  const { writable, direct } = options;
+  const aio = options.aio ?? "threads";
+  if (aio !== "threads" && uringUnavailable === undefined) {
+    const uring = (fd?: number) => new UringFileEngine(path, { writable, direct, fd });
+    try {
+      return direct ? new DirectFileEngine(path, writable, { inner: uring }) : uring();
+    } catch (e) {
+      if (!(e instanceof IoUringUnavailableError)) throw e;
+      uringUnavailable = e.message;
+    }
+  }
+  if (aio === "io_uring") {
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `Could not use --aio=io_uring for '${path}': ${uringUnavailable}`,
+    );
+  }
+  if (aio === "auto" && !fallbackReported) {
+    fallbackReported = true;
+    options.log?.(`io_uring is not available (${uringUnavailable}); using the thread engine`);
+  }
+  if (direct) return new DirectFileEngine(path, writable);
   return new ThreadFileEngine(path, options);
 }

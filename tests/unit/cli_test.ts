@@ -53,7 +53,7 @@ Deno.test("cli: defaults", () => {
   assert.equal(o.exportName, "");
   assert.equal(o.description, undefined);
   assert.equal(o.cache, "writeback");
-  assert.equal(o.aio, "threads");
+  assert.equal(o.aio, "auto"); // io_uring where the kernel allows it, else threads
   assert.equal(o.discard, "ignore");
   assert.equal(o.detectZeroes, "off");
   assert.equal(o.handshakeLimit, 10);
@@ -162,9 +162,9 @@ Deno.test("cli: cache, aio, discard aliases", () => {
   assert.deepEqual(unsupportedOptions(serve(["--aio=native", "f"])), [
     "--aio=native is not supported yet",
   ]);
-  assert.deepEqual(unsupportedOptions(serve(["--aio=io_uring", "f"])), [
-    "--aio=io_uring is not supported yet",
-  ]);
+  assert.equal(serve(["--aio=io_uring", "f"]).aio, "io_uring");
+  assert.deepEqual(unsupportedOptions(serve(["--aio=io_uring", "f"])), []);
+  rejects(["--aio=auto", "f"], "Invalid aio mode 'auto'"); // the default has no name, as in qemu
 });
 
 Deno.test("cli: clusters, attached values, --, options after FILE", () => {
