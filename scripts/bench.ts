@@ -41,8 +41,11 @@ const USAGE = `Usage: deno task bench [options]
   --size-mib N        image size in MiB, a multiple of 8 (default 1024; quick 256)
   --dir DIR           work directory for images, sockets and logs (default /tmp/denbd-bench)
   --out DIR           where reports go (default <repo>/bench-results)
-  --servers LIST      comma-separated server ids (default: all of ${
-  SERVER_DEFS.map((s) => s.id).join(",")
+  --servers LIST      comma-separated server ids (default: ${
+  SERVER_DEFS.filter((s) => !s.extra).map((s) => s.id).join(",")
+};
+                      denbd variants: ${
+  SERVER_DEFS.filter((s) => s.extra).map((s) => s.id).join(",\n                        ")
 })
   --rows LIST         comma-separated row ids (default: all; --quick: those marked (q)):
                       ${
@@ -72,7 +75,7 @@ function positiveInt(name: string, text: string | undefined, fallback: number): 
 }
 
 function pick(name: string, all: readonly ServerDef[], list?: string): ServerDef[] {
-  if (list === undefined) return [...all];
+  if (list === undefined) return all.filter((x) => !x.extra);
   return list.split(",").map((id) => {
     const found = all.find((x) => x.id === id.trim());
     if (!found) throw new Error(`--${name}: unknown id "${id}"; known: ${all.map((x) => x.id)}`);

@@ -33,18 +33,18 @@ const DENO_PERMISSIONS = [
   "--allow-run",
 ];
 
-/** Every server the benchmark knows. The first three are the required columns. */
-export const SERVER_DEFS: readonly ServerDef[] = [
-  {
-    id: "denbd",
-    label: "denbd",
+/** denbd with extra options (the plain "denbd" runs its defaults). */
+function denbdDef(id: string, label: string, options: readonly string[]): ServerDef {
+  return {
+    id,
+    label,
     formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
     argv: (t) => [
       Deno.execPath(),
       "run",
       ...DENO_PERMISSIONS,
       DENBD_MAIN,
-      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", t.image],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...options, t.image],
     ],
     unavailable: () => {
       try {
@@ -54,7 +54,16 @@ export const SERVER_DEFS: readonly ServerDef[] = [
         return `${DENBD_MAIN} not found`;
       }
     },
-  },
+    extra: options.length > 0,
+  };
+}
+
+/**
+ * Every server the benchmark knows. The first three are the required columns; the denbd
+ * variants (engines and cache modes) run only when named in `--servers`.
+ */
+export const SERVER_DEFS: readonly ServerDef[] = [
+  denbdDef("denbd", "denbd", []),
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
@@ -83,6 +92,19 @@ export const SERVER_DEFS: readonly ServerDef[] = [
       ...["--cache=writeback", "--aio=io_uring", t.image],
     ],
   },
+  denbdDef("denbd-threads", "denbd (aio=threads)", ["--aio=threads"]),
+  denbdDef("denbd-io_uring", "denbd (aio=io_uring)", ["--aio=io_uring"]),
+  denbdDef("denbd-none", "denbd (cache=none)", ["--cache=none", "--aio=io_uring"]),
+  denbdDef("denbd-threads-none", "denbd (cache=none, aio=threads)", [
+    "--cache=none",
+    "--aio=threads",
+  ]),
+  denbdDef("denbd-writethrough", "denbd (cache=writethrough)", ["--cache=writethrough"]),
+  denbdDef("denbd-threads-writethrough", "denbd (cache=writethrough, aio=threads)", [
+    "--cache=writethrough",
+    "--aio=threads",
+  ]),
+  denbdDef("denbd-unsafe", "denbd (cache=unsafe)", ["--cache=unsafe"]),
 ];
 
 /** A running server, or the reason it is not running. */

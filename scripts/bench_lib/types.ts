@@ -53,6 +53,8 @@ export interface ServerDef {
   readonly argv: (target: ServeTarget) => string[];
   /** Why the server cannot run here (e.g. its entry file is missing), or undefined if it can. */
   readonly unavailable?: () => string | undefined;
+  /** Only run when named in `--servers` (engine and cache-mode variants). */
+  readonly extra?: boolean;
 }
 
 /** Everything a row needs to run its client once against one server. */
