@@ -42,7 +42,8 @@ async function poke(path: string, edit: (b: Uint8Array) => void): Promise<void> 
 Deno.test("qcow2 errors: encrypted images are refused naming the encryption", async () => {
   const p = `${dir}/luks.qcow2`;
   // qemu-img calibrates the LUKS key derivation by CPU time and fails ("Unable to get accurate
-  // CPU usage") when a short calibration is disturbed by load: allow a few attempts.
+  // CPU usage") when a short calibration is disturbed by load, on some VMs every time: after a
+  // few attempts, a plain image with crypt_method 2 (LUKS) in its header stands in for it.
   for (let attempt = 1;; attempt++) {
     try {
       await run("qemu-img", [
@@ -59,7 +60,12 @@ Deno.test("qcow2 errors: encrypted images are refused naming the encryption", as
       ]);
       break;
     } catch (e) {
-      if (attempt >= 4 || !/accurate CPU usage/.test(String(e))) throw e;
+      if (!/accurate CPU usage/.test(String(e))) throw e;
+      if (attempt >= 4) {
+        await run("qemu-img", ["create", "-q", "-f", "qcow2", p, "1M"]);
+        await poke(p, (b) => new DataView(b.buffer).setUint32(32, 2));
+        break;
+      }
     }
   }
   await assert.rejects(
