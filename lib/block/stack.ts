@@ -131,6 +131,7 @@ async function openImage(
       warn,
       backing: backingOverride(image.raw, warn),
       writable,
+      passDiscard: options.discard === "unmap",
     });
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);

@@ -50,6 +50,8 @@ export interface Qcow2DeviceInit {
   readonly l2SliceBytes: number;
   /** Set for a writable image: its refcounts (the file is then open read-write). */
   readonly refs?: RefcountStore;
+  /** Punch freed clusters out of the file (see Qcow2OpenOptions.passDiscard). */
+  readonly passDiscard?: boolean;
 }
 
 /** One lookup result; each request reuses its own. */
@@ -177,6 +179,7 @@ export class Qcow2Device implements BlockDevice {
         refs: init.refs,
         backing: this.#backing,
         epochs: this.#epochs,
+        passDiscard: init.passDiscard ?? false,
         pread: (buf, off) => this.pread(buf, off),
         extents: (off, len, out) => this.extents(off, len, out),
       });

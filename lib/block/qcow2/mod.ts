@@ -66,6 +66,11 @@ export interface Qcow2OpenOptions {
   snapshot?: SnapshotSelector | string;
   /** l2-cache-size in bytes (qemu's default policy if undefined). */
   l2CacheSize?: number;
+  /**
+   * --discard=unmap: host clusters freed by a discard or an unmapping zero request are punched
+   * out of the file once free (qemu's pass-discard-request, on when the export may unmap).
+   */
+  passDiscard?: boolean;
   /** Set by an `openBacking` implementation when opening a backing image (see there). */
   chain?: BackingChain;
   /**
@@ -193,6 +198,7 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       dataFile,
       l2CacheBytes: cacheBytes,
       l2SliceBytes: sliceBytes,
+      passDiscard: options.passDiscard ?? false,
     });
     device.bitmaps = bitmaps;
     // On failure the catch below closes the file and backing files (nothing else is started).

@@ -52,6 +52,7 @@ export class RefcountStore {
   #freeHint = 0;
   /** Host cluster indexes whose refcount drops by one at the next flush. */
   #pending: number[] = [];
+  #pendingDiscard = new Set<number>();
 
   private constructor(init: RefcountStoreInit) {
     this.#file = init.file;
@@ -224,26 +225,41 @@ export class RefcountStore {
   }
 
   /** Queue a decrement of every cluster touched by host bytes `[offset, offset+length)`. */
-  queueDecrement(offset: number, length: number): void {
+  queueDecrement(offset: number, length: number, discard = false): void {
     const first = Math.floor(offset / this.#cs);
     const last = Math.floor((offset + length - 1) / this.#cs);
-    for (let c = first; c <= last; c++) this.#pending.push(c);
+    for (let c = first; c <= last; c++) {
+      this.#pending.push(c);
+      if (discard) this.#pendingDiscard.add(c);
+    }
   }
 
-  /** Take the queued decrements (the flush applies them once their unmapping is durable). */
-  takeDecrements(): number[] {
-    const p = this.#pending;
+  /**
+   * Take the queued decrements (the flush applies them once their unmapping is durable), and
+   * the clusters whose release came from a discard request (to punch once they are free).
+   */
+  takeDecrements(): { clusters: number[]; discard: Set<number> } {
+    const clusters = this.#pending, discard = this.#pendingDiscard;
     this.#pending = [];
-    return p;
+    this.#pendingDiscard = new Set();
+    return { clusters, discard };
   }
 
-  /** Apply decrements taken by {@link takeDecrements}; freed clusters become allocatable. */
-  async applyDecrements(clusters: readonly number[]): Promise<void> {
+  /**
+   * Apply decrements taken by {@link takeDecrements}; freed clusters become allocatable.
+   * Returns the clusters whose refcount reached 0.
+   */
+  async applyDecrements(clusters: readonly number[]): Promise<number[]> {
+    const freed: number[] = [];
     for (const c of clusters) {
       // A reference to a cluster counted as free is corruption qemu-img check reports; do not
       // make it worse by creating refcount blocks for it.
-      if (await this.get(c) > 0) await this.add(c, -1);
+      if (await this.get(c) > 0) {
+        await this.add(c, -1);
+        if (await this.get(c) === 0) freed.push(c);
+      }
     }
+    return freed;
   }
 
   /** Write every dirty refcount block (no sync). */

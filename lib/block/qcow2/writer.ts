@@ -46,6 +46,8 @@ export interface WriterHost {
   readonly refs: RefcountStore;
   readonly backing: BlockDevice | undefined;
   readonly epochs: IoEpochs;
+  /** Punch host clusters freed by discard requests out of the file once they are free. */
+  readonly passDiscard: boolean;
   /** Read through the image as it is now (copy-on-write source). */
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** base:allocation of the image (to see whether a range reads as zeroes). */
@@ -574,7 +576,9 @@ export class Qcow2Writer {
       }
       for (const [cluster, next] of updates) {
         await this.#writeEntry(cluster, next);
-        if (next.release !== undefined) h.refs.queueDecrement(next.release[0], next.release[1]);
+        if (next.release !== undefined) {
+          h.refs.queueDecrement(next.release[0], next.release[1], h.passDiscard);
+        }
       }
       return true;
     });
@@ -673,7 +677,7 @@ export class Qcow2Writer {
       }
       await this.#writeEntry(cluster, next);
       const r = this.#oldHostRange(e, compressed ? Kind.Compressed : Kind.Data, host);
-      if (r !== undefined) h.refs.queueDecrement(r[0], r[1]);
+      if (r !== undefined) h.refs.queueDecrement(r[0], r[1], h.passDiscard);
     }
   }
 
@@ -751,13 +755,35 @@ export class Qcow2Writer {
       }
       await file.sync();
     }
-    const dec = h.refs.takeDecrements();
+    const { clusters: dec, discard } = h.refs.takeDecrements();
     if (dec.length > 0) {
       // Nobody may still read or write a cluster being freed: wait for older I/O.
       await h.epochs.drain();
-      await h.refs.applyDecrements(dec);
+      const freed = await h.refs.applyDecrements(dec);
       await h.refs.writeBlocks();
       await file.sync();
+      // Still under the metadata lock, so no allocation can hand a freed cluster out before
+      // its hole is punched.
+      await this.#punchFreed(freed.filter((c) => discard.has(c)));
+    }
+  }
+
+  /**
+   * Deallocate freed host clusters in the file, as qemu passes a discard request down. Like a
+   * discard it is advice: a filesystem that cannot punch, or fails to, keeps the bytes.
+   */
+  async #punchFreed(clusters: number[]): Promise<void> {
+    const cs = this.#cs, file = this.#h.file;
+    clusters.sort((x, y) => x - y);
+    for (let i = 0; i < clusters.length;) {
+      let j = i + 1;
+      while (j < clusters.length && clusters[j] === clusters[j - 1]! + 1) j++;
+      try {
+        await file.punchHole(clusters[i]! * cs, (j - i) * cs);
+      } catch {
+        // Advisory, as above.
+      }
+      i = j;
     }
   }
 
