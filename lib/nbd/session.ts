@@ -56,7 +56,12 @@ import {
 } from "./wire.ts";
 import { BlockError } from "../block/types.ts";
 
-/** Requests run at once on one connection (qemu allows 16). */
+/**
+ * Requests run at once on one connection (qemu allows 16). Measured 2026-12-01 with fio QD128,
+ * 4 KiB random reads under --cache=none (the disk is the bound): 16 → ~27k IOPS, 64 → ~41k,
+ * 128 → ~43k (within noise of 64). Page-cache hits complete inline, so there the limit hardly
+ * matters; 64 keeps memory per connection bounded below.
+ */
 export const MAX_IN_FLIGHT = 64;
 /** Payload bytes held by in-flight requests on one connection before reading pauses. */
 export const MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024;
