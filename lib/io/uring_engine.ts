@@ -14,7 +14,6 @@
 
 import { Ring } from "../../ffi/io_uring.ts";
 import {
-  errno,
   errnoError,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
@@ -24,18 +23,21 @@ import {
   O_RDONLY,
   O_RDWR,
   openFile,
-  POSIX_FADV_WILLNEED,
-  SEEK_DATA,
-  SEEK_END,
-  SEEK_HOLE,
 } from "../../ffi/libc.ts";
-import { BlockError, Errno } from "../block/types.ts";
+import { Errno } from "../block/types.ts";
 import type { FileEngine, OpenOptions } from "./file_engine.ts";
+import {
+  fallocateError,
+  fdLength,
+  fdPrefetch,
+  fdSeekData,
+  fdSeekHole,
+  fdTruncate,
+} from "./fd_ops.ts";
 import { PageCacheShortcut } from "./page_cache.ts";
 
 const EINTR = 4;
 const EAGAIN = 11;
-const ENOSYS = 38;
 
 let shared: Ring | undefined;
 let sharedUsers = 0;
@@ -148,13 +150,11 @@ export class UringFileEngine implements FileEngine {
   }
 
   length(): number {
-    const n = Number(libc().lseek(this.fd, 0n, SEEK_END));
-    if (n < 0) throw errnoError(`lseek '${this.path}'`);
-    return n;
+    return fdLength(this.fd, this.path);
   }
 
   truncate(length: number): void {
-    if (libc().ftruncate(this.fd, BigInt(length)) < 0) throw errnoError(`ftruncate '${this.path}'`);
+    fdTruncate(this.fd, this.path, length);
   }
 
   punchHole(offset: number, length: number): Promise<void> {
@@ -166,23 +166,15 @@ export class UringFileEngine implements FileEngine {
   }
 
   seekData(offset: number): number {
-    const r = Number(libc().lseek(this.fd, BigInt(offset), SEEK_DATA));
-    if (r >= 0) return r;
-    const err = errno();
-    if (err === Errno.ENXIO) return -1;
-    throw errnoError(`lseek SEEK_DATA '${this.path}' at ${offset}`, err);
+    return fdSeekData(this.fd, this.path, offset);
   }
 
   seekHole(offset: number): number {
-    const r = Number(libc().lseek(this.fd, BigInt(offset), SEEK_HOLE));
-    if (r >= 0) return r;
-    const err = errno();
-    if (err === Errno.ENXIO) return offset;
-    throw errnoError(`lseek SEEK_HOLE '${this.path}' at ${offset}`, err);
+    return fdSeekHole(this.fd, this.path, offset);
   }
 
   prefetch(offset: number, length: number): void {
-    libc().posix_fadvise(this.fd, BigInt(offset), BigInt(length), POSIX_FADV_WILLNEED);
+    fdPrefetch(this.fd, offset, length);
   }
 
   close(): void {
@@ -211,11 +203,6 @@ export class UringFileEngine implements FileEngine {
     const r = await this.#ring.fallocate(this.fd, mode, offset, length);
     this.#settled();
     if (r === 0) return;
-    const err = -r;
-    // EOPNOTSUPP is what filesystems without the mode answer; ENOSYS likewise.
-    if (err === Errno.ENOTSUP || err === ENOSYS) {
-      throw new BlockError(Errno.ENOTSUP, `fallocate mode ${mode} not supported on '${this.path}'`);
-    }
-    throw errnoError(`fallocate '${this.path}' at ${offset}+${length}`, err);
+    throw fallocateError(this.path, mode, offset, length, -r);
   }
 }

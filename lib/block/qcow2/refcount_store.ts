@@ -254,10 +254,7 @@ export class RefcountStore {
     for (const c of clusters) {
       // A reference to a cluster counted as free is corruption qemu-img check reports; do not
       // make it worse by creating refcount blocks for it.
-      if (await this.get(c) > 0) {
-        await this.add(c, -1);
-        if (await this.get(c) === 0) freed.push(c);
-      }
+      if (await this.get(c) > 0 && await this.add(c, -1) === 0) freed.push(c);
     }
     return freed;
   }

@@ -12,6 +12,7 @@ import type { FileEngine } from "../../io/file_engine.ts";
 import type { ImageBitmaps } from "./bitmap.ts";
 import { compressedDescriptor, entryOffset, isCompressed } from "./entry.ts";
 import type { Qcow2Header } from "./header.ts";
+import { readZeroPadded } from "./image.ts";
 import type { RefcountStore } from "./refcount_store.ts";
 import type { SnapshotEntry } from "./snapshot.ts";
 
@@ -41,8 +42,7 @@ export async function repairDirtyImage(input: RepairInput): Promise<number> {
   };
   const read = async (offset: number, bytes: number): Promise<DataView> => {
     const buf = new Uint8Array(bytes);
-    const n = await file.pread(buf, offset);
-    buf.fill(0, n);
+    await readZeroPadded(file, buf, offset);
     return new DataView(buf.buffer);
   };
 
@@ -85,8 +85,8 @@ export async function repairDirtyImage(input: RepairInput): Promise<number> {
       ref(s.entry.tableOffset, s.entry.tableSize * 8);
       const v = await read(s.entry.tableOffset, s.entry.tableSize * 8);
       for (let i = 0; i < s.entry.tableSize; i++) {
-        const off = (v.getUint32(i * 8) & 0x00ffffff) * 0x100000000 +
-          ((v.getUint32(i * 8 + 4) & 0xfffffe00) >>> 0);
+        // Bitmap table entries keep their offset in the same bits as L1/L2 entries.
+        const off = entryOffset(v.getUint32(i * 8), v.getUint32(i * 8 + 4));
         if (off !== 0) ref(off, cs);
       }
     }
