@@ -7,14 +7,13 @@
  * @module
  */
 
-import { CliError, formatCliError } from "./lib/cli/errors.ts";
+import { CliError, formatCliError, PROGRAM } from "./lib/cli/errors.ts";
 import { parseCommandLine, unsupportedOptions } from "./lib/cli/parse.ts";
 import type { ServerOptions } from "./lib/cli/options.ts";
 import { runServer } from "./lib/server.ts";
 import { formatExportList, listExports } from "./lib/nbd/list_client.ts";
 import { libc, O_RDWR, openFile } from "./ffi/libc.ts";
 
-const PROGRAM = "denbd";
 /** Set in the --fork child: it reports readiness on stdout and then stays quiet there. */
 const FORK_CHILD_ENV = "DENBD_FORK_CHILD";
 /** The permissions denbd runs with (the same set as `deno task start` and `deno task compile`). */

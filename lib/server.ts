@@ -58,11 +58,6 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     await device.close();
     throw e;
   }
-  log(
-    `NBD server listening on ${
-      describeAddress(address)
-    }; export '${exp.name}' size ${exp.size} flags 0x${exp.flags.toString(16)}`,
-  );
 
   if (options.pidFile !== undefined) Deno.writeTextFileSync(options.pidFile, `${Deno.pid}\n`);
   io.ready?.();
@@ -83,10 +78,6 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     // The pid file stays, as qemu-nbd leaves it.
   }
   return 0;
-}
-
-function describeAddress(a: ListenAddress): string {
-  return a.transport === "unix" ? `unix:${a.path}` : `${a.hostname}:${a.port}`;
 }
 
 /** qemu unlinks an existing socket file before binding; do the same, but only for sockets. */

@@ -4,8 +4,25 @@
  * @module
  */
 
-/** Program name used in messages; qemu-nbd prints `argv[0]`, denbd always says "denbd". */
-export const PROGRAM = "denbd";
+/**
+ * Program name used in messages. qemu-nbd prints the base name of `argv[0]`, and scripts (QEMU's
+ * iotests among them) match on it: a compiled denbd started as `qemu-nbd` says "qemu-nbd". Under
+ * `deno run`, argv[0] is Deno itself, so a wrapper names the program in `DENBD_PROGNAME`.
+ */
+export const PROGRAM = programName();
+
+function programName(): string {
+  try {
+    const given = Deno.env.get("DENBD_PROGNAME");
+    if (given) return given;
+    if (!/(^|\/)deno$/.test(Deno.execPath())) {
+      const argv0 = Deno.readTextFileSync("/proc/self/cmdline").split("\0")[0] ?? "";
+      const base = argv0.slice(argv0.lastIndexOf("/") + 1);
+      if (base !== "") return base;
+    }
+  } catch { /* no permission or no /proc: the default name */ }
+  return "denbd";
+}
 
 /** The second line qemu-nbd prints after a getopt error and after "Invalid number of arguments". */
 export const TRY_HELP = `Try \`${PROGRAM} --help' for more information.`;
