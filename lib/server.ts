@@ -1,7 +1,9 @@
 /**
  * Serve mode: options → block stack → listener, with qemu-nbd's lifecycle (pid file after the
  * socket is listening, --fork readiness, SIGTERM/SIGINT shut down cleanly, exit when the last
- * client leaves unless -t).
+ * client leaves unless -t). SIGTERM, SIGINT and SIGHUP stop accepting, let in-flight requests finish,
+ * flush and close the image (qcow2 dirty bit, bitmaps), remove the unix socket and exit 0, as
+ * qemu-nbd does.
  *
  * @module
  */
@@ -75,7 +77,9 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
       io.error(`flush at exit failed: ${e instanceof Error ? e.message : e}`);
     }
     await device.close();
-    // The pid file stays, as qemu-nbd leaves it.
+    // qemu-nbd unlinks its socket at exit (Deno's own unlink on close may not run before the
+    // process exits); the pid file stays, as qemu-nbd leaves it.
+    if (address.transport === "unix") removeStaleSocket(address.path);
   }
   return 0;
 }

@@ -13,6 +13,13 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v fio >/dev/null || need+=(fio)
+# QEMU's iotests (deno task test:iotests) start qemu-system and qemu-storage-daemon; 233 needs certtool.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v certtool >/dev/null || need+=(gnutls-bin)
+# The http(s) driver is tested against a real HTTP server and compared with qemu's curl driver.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || need+=(qemu-block-extra)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${need[*]} with apt-get"
