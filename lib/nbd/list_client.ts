@@ -6,9 +6,6 @@
  */
 
 import {
-  IHAVEOPT,
-  NBD_FLAG_C_FIXED_NEWSTYLE,
-  NBD_FLAG_C_NO_ZEROES,
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_EXPORT,
@@ -16,17 +13,15 @@ import {
   NBD_OPT_INFO,
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
-  NBD_OPT_REPLY_MAGIC,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_INFO,
   NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
-  NBDMAGIC,
 } from "./constants.ts";
-import { BufferedReader, writeAll } from "./conn_io.ts";
+import { nameQuery, OptionClient } from "./client.ts";
 import type { ListenAddress } from "./listener.ts";
-import { utf8, view } from "./wire.ts";
+import { view } from "./wire.ts";
 
 /** One export as a listing shows it. */
 export interface ListedExport {
@@ -79,65 +74,6 @@ export function formatExportList(list: readonly ListedExport[]): string {
 
 const decoder = new TextDecoder();
 
-/** A minimal option-phase client over one connection. */
-class OptionClient {
-  readonly #conn: Deno.Conn;
-  readonly #reader: BufferedReader;
-
-  constructor(conn: Deno.Conn) {
-    this.#conn = conn;
-    this.#reader = new BufferedReader(conn);
-  }
-
-  async greet(): Promise<void> {
-    const hello = await this.#take(18);
-    const v = view(hello);
-    if (v.getBigUint64(0) !== NBDMAGIC || v.getBigUint64(8) !== IHAVEOPT) {
-      throw new Error("Server is not a fixed-newstyle NBD server");
-    }
-    const flags = new Uint8Array(4);
-    view(flags).setUint32(0, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-    await writeAll(this.#conn, flags);
-  }
-
-  async send(option: number, data: Uint8Array = new Uint8Array()): Promise<void> {
-    const b = new Uint8Array(16 + data.length);
-    const v = view(b);
-    v.setBigUint64(0, IHAVEOPT);
-    v.setUint32(8, option);
-    v.setUint32(12, data.length);
-    b.set(data, 16);
-    await writeAll(this.#conn, b);
-  }
-
-  /** Next option reply: its type and payload. */
-  async reply(option: number): Promise<{ type: number; data: Uint8Array }> {
-    const h = view(await this.#take(20));
-    if (h.getBigUint64(0) !== NBD_OPT_REPLY_MAGIC || h.getUint32(8) !== option) {
-      throw new Error("Unexpected option reply from server");
-    }
-    const len = h.getUint32(16);
-    if (len > 64 * 1024 * 1024) throw new Error("Option reply too large");
-    return { type: h.getUint32(12), data: await this.#take(len) };
-  }
-
-  async #take(n: number): Promise<Uint8Array> {
-    if (!(await this.#reader.fill(n))) throw new Error("Server closed the connection");
-    const out = this.#reader.peek().slice(0, n);
-    this.#reader.skip(n);
-    return out;
-  }
-}
-
-function nameQuery(name: string, extra: Uint8Array): Uint8Array {
-  const n = utf8(name);
-  const b = new Uint8Array(4 + n.length + extra.length);
-  view(b).setUint32(0, n.length);
-  b.set(n, 4);
-  b.set(extra, 4 + n.length);
-  return b;
-}
-
 /** Connect, list every export with its details, and say goodbye. */
 export async function listExports(address: ListenAddress): Promise<ListedExport[]> {
   const conn = address.transport === "unix"
@@ -145,7 +81,10 @@ export async function listExports(address: ListenAddress): Promise<ListedExport[
     : await Deno.connect({ transport: "tcp", hostname: address.hostname, port: address.port });
   try {
     const c = new OptionClient(conn);
-    await c.greet();
+    const greeting = await c.greet();
+    if (greeting.style !== "newstyle" || !greeting.fixed) {
+      throw new Error("Server is not a fixed-newstyle NBD server");
+    }
     await c.send(NBD_OPT_STRUCTURED_REPLY);
     const structured = (await c.reply(NBD_OPT_STRUCTURED_REPLY)).type === NBD_REP_ACK;
 
