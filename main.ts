@@ -36,7 +36,7 @@ async function main(args: string[]): Promise<number> {
     command = parseCommandLine(args);
   } catch (e) {
     if (e instanceof CliError) {
-      console.error(formatCliError(e));
+      Deno.stderr.writeSync(new TextEncoder().encode(formatCliError(e)));
       return 1;
     }
     throw e;

@@ -12,7 +12,7 @@
  */
 
 import type { ServerOptions } from "../cli/options.ts";
-import { type FileEngine, openFileEngine, type OpenOptions } from "../io/file_engine.ts";
+import { type FileEngine, openFileEngine } from "../io/file_engine.ts";
 import { UnsafeCacheFilter, WriteThroughFilter } from "./filters/cache_mode.ts";
 import { DetectZeroesFilter } from "./filters/detect_zeroes.ts";
 import { DiscardIgnoreFilter } from "./filters/discard.ts";
@@ -24,6 +24,7 @@ import { type BlockDevice, BlockError, Errno } from "./types.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
+import { type EngineOptions, openTopNode } from "./open_node.ts";
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
@@ -41,9 +42,6 @@ export async function probeFormat(file: FileEngine): Promise<"raw" | "qcow2"> {
   const n = await file.pread(head, 0);
   return n === 4 && QCOW2_MAGIC.every((b, i) => head[i] === b) ? "qcow2" : "raw";
 }
-
-/** How every file of the export is opened (image, backing files, overlay): the engine. */
-type EngineOptions = Pick<OpenOptions, "direct" | "aio" | "log">;
 
 /** --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads. */
 function engineOptions(options: ServerOptions, warn: (msg: string) => void): EngineOptions {
@@ -64,12 +62,51 @@ export async function openExportStack(
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
   const engine = engineOptions(options, warn);
-  const opened = await openImage(options, engine, warn);
-  if (!options.snapshot) {
-    return { ...opened, device: applyFilters(opened.device, options) };
+  try {
+    const opened = await openImage(options, engine, warn);
+    if (!options.snapshot) {
+      return { ...opened, device: applyFilters(opened.device, options) };
+    }
+    const overlay = await openSnapshotOverlay(opened.device, engine);
+    return { ...opened, probed: false, device: applyFilters(overlay, options) };
+  } catch (e) {
+    throw openError(e, options.image.source ?? options.image.filename);
   }
-  const overlay = await openSnapshotOverlay(opened.device, engine);
-  return { ...opened, probed: false, device: applyFilters(overlay, options) };
+}
+
+/**
+ * qemu-nbd reports what fails inside blk_new_open as "Failed to blk_new_open 'FILE': ...";
+ * loading the -l snapshot comes after it and keeps its own wording.
+ */
+function openError(e: unknown, source: string): unknown {
+  if (!(e instanceof Error) || e.message.startsWith("Failed to load snapshot")) return e;
+  const msg = `Failed to blk_new_open '${source}': ${e.message}`;
+  return e instanceof BlockError ? new BlockError(e.errno, msg) : new Error(msg);
+}
+
+/** An image given as qemu node options (json:, protocols, filters): open_node.ts opens it. */
+async function openNodeImage(
+  options: ServerOptions,
+  node: Readonly<Record<string, string>>,
+  engine: EngineOptions,
+  warn: (msg: string) => void,
+): Promise<OpenedImage> {
+  const image = options.image;
+  const opened = await openTopNode({ ...node }, {
+    writable: !options.readOnly && !options.snapshot,
+    engine,
+    warn,
+    passDiscard: options.discard === "unmap",
+    loadSnapshot: options.loadSnapshot,
+    openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
+  });
+  let device = opened.device;
+  if (image.offset !== 0) device = new OffsetFilter(device, image.offset, undefined);
+  return {
+    device,
+    format: opened.format === "qcow2" ? "qcow2" : "raw",
+    probed: opened.probed,
+  };
 }
 
 /**
@@ -112,6 +149,7 @@ async function openImage(
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
   const image = options.image;
+  if (image.node !== undefined) return await openNodeImage(options, image.node, engine, warn);
   // With -s the image itself is only read; writes go to the overlay.
   const writable = !options.readOnly && !options.snapshot;
   const file = openFileEngine(image.filename, { ...engine, writable });

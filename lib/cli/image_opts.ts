@@ -8,6 +8,7 @@
 import { CliError } from "./errors.ts";
 import { type NumberError, parseSize } from "./numbers.ts";
 import type { ImageFormat, ImageSpec } from "./options.ts";
+import { hasProtocol } from "./filename.ts";
 
 /** One parsed `key=value` pair; `flag` marks qemu's short form ("foo" = on, "nofoo" = off). */
 export interface QemuOptPair {
@@ -160,6 +161,7 @@ export function parseImageOpts(text: string): ImageSpec {
     if (p.key === "") throw new CliError(`Invalid parameter '' in --image-opts '${text}'`);
     raw[p.key] = p.value;
   }
+  if (needsNodeOpener(raw)) return nodeImage(text, raw);
   const driver = raw["driver"];
   if (raw["file"] !== undefined) {
     // qemu takes a plain "file=" as the name of an existing block node, which qemu-nbd never has.
@@ -215,8 +217,53 @@ export function parseImageOpts(text: string): ImageSpec {
   return Object.freeze({ filename, format, offset, size, raw: Object.freeze(raw) });
 }
 
+/** Drivers that only the generic node opener (lib/block/open_node.ts) handles. */
+const NODE_DRIVERS: ReadonlySet<string> = new Set([
+  "null-co",
+  "null-aio",
+  "nbd",
+  "http",
+  "https",
+  "compress",
+  "copy-on-read",
+]);
+
+/** A name that is more than a plain path: `json:` or a protocol prefix other than none. */
+function specialName(name: string | undefined): boolean {
+  return name !== undefined && (name.startsWith("json:") || hasProtocol(name));
+}
+
+/** Options that go beyond a plain file under raw/qcow2. */
+function needsNodeOpener(raw: Readonly<Record<string, string>>): boolean {
+  const driver = raw["driver"];
+  const proto = raw["file.driver"];
+  return (driver !== undefined && NODE_DRIVERS.has(driver)) ||
+    (proto !== undefined && NODE_DRIVERS.has(proto)) ||
+    specialName(raw["filename"]) || specialName(raw["file.filename"]);
+}
+
+/** An image the node opener opens from qemu's flat options. */
+function nodeImage(source: string, node: Readonly<Record<string, string>>): ImageSpec {
+  return Object.freeze({
+    filename: source,
+    format: undefined,
+    offset: 0,
+    size: undefined,
+    raw: Object.freeze({}),
+    node: Object.freeze({ ...node }),
+    source,
+  });
+}
+
 /** FILE without --image-opts: `-f` checked against what denbd opens; undefined means probe. */
 export function plainImage(filename: string, format: string | undefined): ImageSpec {
+  if (specialName(filename)) {
+    if (format !== undefined && format !== "file") checkDriver(format, "Image format");
+    return nodeImage(
+      filename,
+      format === undefined || format === "file" ? { filename } : { driver: format, filename },
+    );
+  }
   return Object.freeze({
     filename,
     // "-f file" opens the protocol driver alone: the file's bytes, exported like raw.

@@ -24,6 +24,15 @@ export interface ImageSpec {
   readonly size: number | undefined;
   /** Every --image-opts key=value pair as given (dotted keys kept: "file.filename"). */
   readonly raw: Readonly<Record<string, string>>;
+  /**
+   * qemu's flat node options when the image is more than a plain file under raw/qcow2 (`json:`,
+   * a protocol such as `nbd://` or `null-co://`, a filter driver): lib/block/open_node.ts opens
+   * it. Undefined for the plain-file case, which `filename`/`format`/`offset`/`size` describe.
+   * With it, `offset` is only -o's.
+   */
+  readonly node?: Readonly<Record<string, string>>;
+  /** FILE as given on the command line (qemu-nbd names it in open errors). */
+  readonly source?: string;
 }
 
 /** What main.ts is asked to do. */

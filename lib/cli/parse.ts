@@ -502,7 +502,14 @@ function resolveImage(d: Draft, file: string | undefined): ImageSpec {
   if (d.imageOpts && d.format !== undefined) {
     throw new CliError("--image-opts and -f are mutually exclusive");
   }
-  const inner = d.imageOpts ? parseImageOpts(file) : plainImage(file, d.format);
+  let inner: ImageSpec;
+  try {
+    inner = d.imageOpts ? parseImageOpts(file) : plainImage(file, d.format);
+  } catch (e) {
+    // These are blk_new_open's checks in qemu-nbd, reported with its prefix.
+    if (!(e instanceof CliError)) throw e;
+    throw new CliError(`Failed to blk_new_open '${file}': ${e.message}`, e.hint);
+  }
   if (d.offset === 0n) return inner;
   // qemu-nbd passes -o on as a signed 64-bit number; "-1" wraps to 2^64-1 and fails there.
   if (d.offset > BigInt(Number.MAX_SAFE_INTEGER)) {

@@ -223,7 +223,7 @@ Deno.test({
       assert.equal(r.code, 1, r.stderr);
       assert.match(
         r.stderr,
-        /^denbd: Could not use --aio=io_uring for '.*a\.img': io_uring_setup: Operation not permitted \(disabled by DENBD_IO_URING_DISABLE\)\n$/,
+        /^denbd: Failed to blk_new_open '.*a\.img': Could not use --aio=io_uring for '.*a\.img': io_uring_setup: Operation not permitted \(disabled by DENBD_IO_URING_DISABLE\)\n$/,
       );
       // --aio=native stays refused, whatever io_uring can do.
       const t = await run(

@@ -1,0 +1,379 @@
+/**
+ * Opens a block node from qemu's flat option dictionary (what `json:{...}`, `--image-opts` and a
+ * `PROTOCOL:` filename all become), the way qemu's bdrv_open reads it: a format driver (raw,
+ * qcow2) over its `file` child, a protocol driver (file, null-co, null-aio, nbd, http, https) on
+ * its own, or a filter (compress, copy-on-read) over its `file` child. Without `driver`, the
+ * protocol comes from the filename and the format is probed over it.
+ *
+ * Plain files keep their fast path (FileEngine under RawDevice/qcow2); other protocols are
+ * BlockDevices, seen as a file by qcow2 through DeviceFile.
+ *
+ * @module
+ */
+
+import {
+  filenameProtocol,
+  JSON_NULL,
+  type NodeOptions,
+  ownOptions,
+  parseJsonFilename,
+  subOptions,
+} from "../cli/filename.ts";
+import { parseSize } from "../cli/numbers.ts";
+import { type FileEngine, openFileEngine, type OpenOptions } from "../io/file_engine.ts";
+import { OffsetFilter } from "./filters/offset.ts";
+import { ProbeGuardFilter } from "./filters/probe_guard.ts";
+import { DeviceFile } from "./protocols/device_file.ts";
+import { NullDevice } from "./protocols/null.ts";
+import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
+import { RawDevice } from "./raw.ts";
+import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
+
+/** How every file of the export is opened (image, backing files, overlay): the engine. */
+export type EngineOptions = Pick<OpenOptions, "direct" | "aio" | "log">;
+
+/** What opening needs besides the options. */
+export interface NodeContext {
+  readonly writable: boolean;
+  readonly engine: EngineOptions;
+  readonly warn: (msg: string) => void;
+  /** --discard=unmap (qcow2 punches freed clusters). */
+  readonly passDiscard: boolean;
+  /** -l, for the top qcow2 node. */
+  readonly loadSnapshot?: string;
+  /** Opens a qcow2 backing file by name (stack.ts: backing names may use protocols too). */
+  readonly openBacking: (
+    path: string,
+    format: "raw" | "qcow2" | undefined,
+    chain: BackingChain,
+  ) => Promise<BlockDevice>;
+}
+
+/** An opened node. */
+export interface OpenedNode {
+  readonly device: BlockDevice;
+  readonly format: "raw" | "qcow2" | "protocol" | "filter";
+  /** The format was guessed (qemu warns and guards block 0). */
+  readonly probed: boolean;
+}
+
+const FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2"]);
+const PROTOCOLS: ReadonlySet<string> = new Set([
+  "file",
+  "null-co",
+  "null-aio",
+  "nbd",
+  "http",
+  "https",
+]);
+const FILTERS: ReadonlySet<string> = new Set(["compress", "copy-on-read"]);
+/** qemu 7.2 drivers (Debian build) denbd does not open: "not supported", not "Unknown". */
+const QEMU_ONLY: ReadonlySet<string> = new Set([
+  "blkdebug",
+  "blklogwrites",
+  "blkverify",
+  "bochs",
+  "cloop",
+  "copy-before-write",
+  "dmg",
+  "ftp",
+  "ftps",
+  "gluster",
+  "host_cdrom",
+  "host_device",
+  "iscsi",
+  "iser",
+  "luks",
+  "nfs",
+  "nvme",
+  "parallels",
+  "preallocate",
+  "qcow",
+  "qed",
+  "quorum",
+  "rbd",
+  "replication",
+  "snapshot-access",
+  "ssh",
+  "throttle",
+  "vdi",
+  "vhdx",
+  "vmdk",
+  "vpc",
+  "vvfat",
+]);
+
+const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
+
+function unknownDriver(name: string): BlockError {
+  if (QEMU_ONLY.has(name)) {
+    return new BlockError(Errno.ENOTSUP, `Driver '${name}' is not supported by denbd yet`);
+  }
+  return new BlockError(Errno.EINVAL, `Unknown driver '${name}'`);
+}
+
+/** `json:` in a filename: its options, with those given beside it taking precedence. */
+function expandJson(opts: NodeOptions): NodeOptions {
+  const name = opts["filename"];
+  if (name === undefined || !name.startsWith("json:")) return opts;
+  const rest = { ...opts };
+  delete rest["filename"];
+  return { ...parseJsonFilename(name), ...rest };
+}
+
+/** The top node of an export. */
+export async function openTopNode(opts: NodeOptions, ctx: NodeContext): Promise<OpenedNode> {
+  return await openNode(expandJson(opts), ctx, true);
+}
+
+async function openNode(opts: NodeOptions, ctx: NodeContext, top: boolean): Promise<OpenedNode> {
+  const driver = opts["driver"];
+  if (driver !== undefined && FILTERS.has(driver)) {
+    throw new BlockError(Errno.ENOTSUP, `Filter driver '${driver}' is not supported by denbd yet`);
+  }
+  if (driver !== undefined && PROTOCOLS.has(driver)) {
+    const proto = await openProtocol(opts, ctx);
+    return { device: protocolAsDevice(proto, ctx), format: "protocol", probed: false };
+  }
+  if (driver !== undefined && !FORMATS.has(driver)) throw unknownDriver(driver);
+  // A format (given or probed) over its file child.
+  const own = ownOptions(opts, ["file"]);
+  let child = subOptions(opts, "file.");
+  if (own["file"] !== undefined) {
+    const ref = own["file"];
+    throw new BlockError(Errno.EINVAL, `Cannot find device='${ref}' nor node-name='${ref}'`);
+  }
+  if (own["filename"] !== undefined) {
+    if (Object.keys(child).length > 0) {
+      throw new BlockError(Errno.EINVAL, "Cannot specify both 'filename' and 'file.*' options");
+    }
+    child = { filename: own["filename"] };
+    delete own["filename"];
+  }
+  if (Object.keys(child).length === 0) {
+    throw new BlockError(Errno.EINVAL, `A block device must be specified for "file"`);
+  }
+  const proto = await openProtocol(expandJson(child), ctx);
+  try {
+    return await openFormat(driver as "raw" | "qcow2" | undefined, own, proto, ctx, top);
+  } catch (e) {
+    closeProtocol(proto);
+    throw e;
+  }
+}
+
+/** A protocol node: a plain file (fast path) or another block device. */
+type Protocol =
+  | { readonly kind: "file"; readonly file: FileEngine }
+  | { readonly kind: "device"; readonly dev: BlockDevice; readonly name: string };
+
+function closeProtocol(p: Protocol): void {
+  if (p.kind === "file") p.file.close();
+  else void p.dev.close().catch(() => {});
+}
+
+function protocolAsDevice(p: Protocol, ctx: NodeContext): BlockDevice {
+  if (p.kind === "device") return p.dev;
+  try {
+    return new RawDevice(p.file, {
+      writable: ctx.writable,
+      offset: 0,
+      size: undefined,
+      minBlock: 1,
+    });
+  } catch (e) {
+    p.file.close();
+    throw e;
+  }
+}
+
+function rejectUnknownKeys(driver: string, opts: NodeOptions, known: readonly string[]): void {
+  for (const k of Object.keys(opts)) {
+    if (!known.includes(k)) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Block protocol '${driver}' doesn't support the option '${k}'`,
+      );
+    }
+  }
+}
+
+function sizeOpt(opts: NodeOptions, key: string, fallback: number): number {
+  const text = opts[key];
+  if (text === undefined) return fallback;
+  const v = parseSize(text);
+  if (typeof v !== "bigint") {
+    throw new BlockError(
+      Errno.EINVAL,
+      `Parameter '${key}' expects a non-negative number below 2^64`,
+    );
+  }
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new BlockError(Errno.EINVAL, `Value '${text}' is out of range for parameter '${key}'`);
+  }
+  return Number(v);
+}
+
+function boolOpt(opts: NodeOptions, key: string, fallback: boolean): boolean {
+  const text = opts[key];
+  if (text === undefined) return fallback;
+  if (text === "on" || text === "true" || text === "yes") return true;
+  if (text === "off" || text === "false" || text === "no") return false;
+  throw new BlockError(
+    Errno.EINVAL,
+    `Parameter '${key}' expects 'on' or 'off'`,
+  );
+}
+
+async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protocol> {
+  const filename = opts["filename"];
+  const named = filename === undefined ? undefined : filenameProtocol(filename);
+  const driver = opts["driver"] ?? named ?? "file";
+  if (opts["driver"] === undefined && named !== undefined && !PROTOCOLS.has(named)) {
+    throw new BlockError(Errno.EINVAL, `Unknown protocol '${named}'`);
+  }
+  if (FORMATS.has(driver) || FILTERS.has(driver)) {
+    // qemu allows a format as a child (raw over qcow2...): not needed by qemu-nbd users yet.
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `A '${driver}' node under another format is not supported yet`,
+    );
+  }
+  if (!PROTOCOLS.has(driver)) throw unknownDriver(driver);
+  switch (driver) {
+    case "file": {
+      rejectUnknownKeys("file", opts, [
+        "driver",
+        "filename",
+        "aio",
+        "locking",
+        "cache.direct",
+        "cache.no-flush",
+      ]);
+      if (filename === undefined) {
+        throw new BlockError(Errno.EINVAL, "The 'file' block driver requires a file name");
+      }
+      const path = filename.startsWith("file:") ? filename.slice(5) : filename;
+      return {
+        kind: "file",
+        file: openFileEngine(path, { ...ctx.engine, writable: ctx.writable }),
+      };
+    }
+    case "null-co":
+    case "null-aio": {
+      if (filename !== undefined && filename !== `${driver}://`) {
+        throw new BlockError(
+          Errno.EINVAL,
+          `The only allowed filename for this driver is '${driver}://'`,
+        );
+      }
+      rejectUnknownKeys(driver, opts, ["driver", "filename", "size", "latency-ns", "read-zeroes"]);
+      const dev = new NullDevice({
+        size: sizeOpt(opts, "size", 1 << 30),
+        latencyNs: sizeOpt(opts, "latency-ns", 0),
+        readZeroes: boolOpt(opts, "read-zeroes", false),
+        writable: ctx.writable,
+      });
+      return { kind: "device", dev, name: filename ?? `${driver}://` };
+    }
+    default:
+      throw new BlockError(
+        Errno.ENOTSUP,
+        `Block protocol '${driver}' is not supported by denbd yet`,
+      );
+  }
+}
+
+/** Raises the minimum block size (probed raw images: qemu guards whole sectors). */
+class MinBlockFilter extends Filter {
+  readonly #caps: Capabilities;
+  constructor(next: BlockDevice, minBlock: number) {
+    super(next);
+    this.#caps = { ...next.caps, minBlock: Math.max(minBlock, next.caps.minBlock) };
+  }
+  override get caps(): Capabilities {
+    return this.#caps;
+  }
+}
+
+async function probe(proto: Protocol): Promise<"raw" | "qcow2"> {
+  const head = new Uint8Array(4);
+  let n: number;
+  if (proto.kind === "file") n = await proto.file.pread(head, 0);
+  else {
+    n = Math.min(4, proto.dev.size);
+    if (n > 0) await proto.dev.pread(head.subarray(0, n), 0);
+  }
+  return n === 4 && QCOW2_MAGIC.every((b, i) => head[i] === b) ? "qcow2" : "raw";
+}
+
+function protocolName(proto: Protocol): string {
+  return proto.kind === "file" ? proto.file.path : proto.name;
+}
+
+async function openFormat(
+  driver: "raw" | "qcow2" | undefined,
+  own: NodeOptions,
+  proto: Protocol,
+  ctx: NodeContext,
+  top: boolean,
+): Promise<OpenedNode> {
+  const format = driver ?? await probe(proto);
+  const probed = driver === undefined;
+  if (format === "qcow2") {
+    for (const key of ["offset", "size"]) {
+      if (own[key] !== undefined) {
+        throw new BlockError(
+          Errno.EINVAL,
+          `Block format 'qcow2' does not support the option '${key}'`,
+        );
+      }
+    }
+    const file = proto.kind === "file" ? proto.file : new DeviceFile(proto.dev, proto.name);
+    const device = await openQcow2(file, {
+      openBacking: ctx.openBacking,
+      snapshot: top ? ctx.loadSnapshot : undefined,
+      warn: ctx.warn,
+      backing: own["backing"] === JSON_NULL ? null : undefined,
+      writable: ctx.writable,
+      passDiscard: ctx.passDiscard,
+    });
+    return { device, format, probed: false };
+  }
+  if (probed) {
+    ctx.warn(
+      `WARNING: Image format was not specified for '${
+        protocolName(proto)
+      }' and probing guessed raw.\n` +
+        "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
+        "         Specify the 'raw' format explicitly to remove the restrictions.",
+    );
+  }
+  const offset = sizeOpt(own, "offset", 0);
+  const size = own["size"] === undefined ? undefined : sizeOpt(own, "size", 0);
+  if (size !== undefined && size % 512 !== 0) {
+    throw new BlockError(Errno.EINVAL, "Specified size is not multiple of 512");
+  }
+  let dev: BlockDevice;
+  if (proto.kind === "file") {
+    dev = new RawDevice(proto.file, {
+      writable: ctx.writable,
+      offset,
+      size,
+      minBlock: probed ? 512 : 1,
+    });
+  } else {
+    if (offset > proto.dev.size) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Offset (${offset}) cannot be greater than size of the containing file (${proto.dev.size})`,
+      );
+    }
+    dev = offset !== 0 || size !== undefined
+      ? new OffsetFilter(proto.dev, offset, size)
+      : proto.dev;
+    if (probed) dev = new MinBlockFilter(dev, 512);
+  }
+  if (probed && ctx.writable) dev = new ProbeGuardFilter(dev);
+  return { device: dev, format: "raw", probed };
+}
