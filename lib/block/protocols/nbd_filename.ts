@@ -10,7 +10,8 @@
  * - The legacy form: `nbd:unix:PATH[:exportname=NAME]`, `nbd:HOST:PORT[:exportname=NAME]`
  *   (no decoding; inet options such as `,to=N` after the port are checked and dropped).
  *
- * Bad filenames throw Error with qemu's message. Some valid-looking ones yield no server at all
+ * Bad filenames throw Error with qemu's message (for a prefix other than nbd, nbd+tcp and nbd+unix
+ * that is qemu's "Unknown protocol", as the filename would never reach the nbd driver there). Some valid-looking ones yield no server at all
  * (`nbd:`, an empty `:exportname=`): qemu then fails at open with "NBD server address missing",
  * and so does the driver (nbd.ts).
  *
@@ -44,6 +45,10 @@ function parseLegacy(filename: string): Record<string, string> {
     out["export"] = name;
   }
   if (!file.startsWith("nbd:")) {
+    // Only nbd+unix: and nbd+tcp: without "//" reach qemu's nbd parser; other prefixes never
+    // select the nbd driver at all.
+    const proto = filename.slice(0, Math.max(0, filename.indexOf(":")));
+    if (proto !== "nbd+unix" && proto !== "nbd+tcp") throw new Error(`Unknown protocol '${proto}'`);
     throw new Error("File name string for NBD must start with 'nbd:'");
   }
   const hostSpec = file.slice(4);
