@@ -22,6 +22,7 @@ import {
   type ZeroFlags,
 } from "../types.ts";
 import { InflatePool } from "./inflate_pool.ts";
+import { compressCluster } from "./deflate.ts";
 import {
   compressedDescriptor,
   entryOffset,
@@ -75,6 +76,8 @@ const HOLE_ZERO = STATE_HOLE | STATE_ZERO;
 const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
 /** Depth values collected from a backing file in one call. */
 const DEPTH_BATCH = 1 << 16;
+/** Clusters of one compressed write in flight at once (qemu's QCOW2_MAX_WORKERS). */
+const COMPRESSED_WORKERS = 8;
 
 function newRun(): Run {
   return { kind: Kind.Unalloc, length: 0, host: 0, hi: 0, lo: 0, copied: false, missKey: -1 };
@@ -651,6 +654,78 @@ export class Qcow2Device implements BlockDevice {
     } finally {
       this.bitmaps?.mark(offset, buf.length);
     }
+  }
+
+  /** Guest cluster size in bytes (the granularity of compressed writes). */
+  get clusterSize(): number {
+    return this.#cs;
+  }
+
+  /**
+   * Write `buf` at `offset` as compressed clusters, qemu 7.2's `qcow2_co_pwritev_compressed_part`:
+   * `offset` cluster-aligned and whole clusters only (the last may end at the end of the image),
+   * else EINVAL; each cluster is compressed (zero-padded at the end of the image) and stored
+   * compressed, or written as a normal cluster when it does not compress below a cluster;
+   * compressed writes into an allocated cluster fail with EIO (see Qcow2Writer.writeCompressed).
+   * Clusters go out up to 8 at a time (qemu's QCOW2_MAX_WORKERS); the first error is reported
+   * once every started cluster has finished.
+   */
+  async pwriteCompressed(buf: Uint8Array, offset: number): Promise<void> {
+    this.#checkOpen();
+    const writer = this.#writer;
+    if (writer === undefined) throw new BlockError(Errno.EPERM, "qcow2 image is read-only");
+    if (this.#hasDataFile) {
+      throw new BlockError(
+        Errno.ENOTSUP,
+        "qcow2: compressed writes need an image without data file",
+      );
+    }
+    const cs = this.#cs, end = offset + buf.length;
+    if (buf.length === 0) return;
+    if (offset % cs !== 0 || (buf.length % cs !== 0 && end !== this.size)) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `qcow2: compressed write of ${buf.length} bytes at ${offset} is not cluster-aligned (cluster size ${cs})`,
+      );
+    }
+    try {
+      let failure: unknown;
+      const inFlight = new Set<Promise<void>>();
+      for (let pos = offset; pos < end && failure === undefined; pos += cs) {
+        const p = this.#writeOneCompressed(
+          buf.subarray(pos - offset, Math.min(end, pos + cs) - offset),
+          pos,
+        )
+          .catch((e) => {
+            failure ??= e;
+          })
+          .finally(() => inFlight.delete(p));
+        inFlight.add(p);
+        if (inFlight.size >= COMPRESSED_WORKERS) await Promise.race(inFlight);
+      }
+      await Promise.all(inFlight);
+      if (failure !== undefined) throw failure;
+    } finally {
+      this.bitmaps?.mark(offset, buf.length);
+    }
+  }
+
+  async #writeOneCompressed(chunk: Uint8Array, pos: number): Promise<void> {
+    const cs = this.#cs;
+    let src = chunk;
+    if (chunk.length < cs) {
+      src = new Uint8Array(cs); // the end of the image: zero-padded, as qemu does
+      src.set(chunk);
+    }
+    const packed = compressCluster(this.#compression, src, cs - 1);
+    if (packed === null) {
+      // Not worth it: a normal write, in place when the cluster is already ours (qemu's path).
+      if (!(await this.#writeInPlace(chunk, pos))) await this.#writer!.write(chunk, pos);
+      return;
+    }
+    await this.#writer!.writeCompressed(pos / cs, packed);
+    // A decompressed copy cached under the same host range belonged to an older stream.
+    this.#decompressed.clear();
   }
 
   /**

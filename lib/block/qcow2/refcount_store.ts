@@ -53,6 +53,8 @@ export class RefcountStore {
   /** Host cluster indexes whose refcount drops by one at the next flush. */
   #pending: number[] = [];
   #pendingDiscard = new Set<number>();
+  /** Where the next compressed cluster's bytes go (0: start a new cluster), see allocBytes. */
+  #freeByte = 0;
 
   private constructor(init: RefcountStoreInit) {
     this.#file = init.file;
@@ -137,6 +139,7 @@ export class RefcountStore {
       }
     }
     this.#freeHint = 0;
+    this.#freeByte = 0;
     return changed;
   }
 
@@ -202,6 +205,55 @@ export class RefcountStore {
   }
 
   /**
+   * Allocate `size` bytes (at most a cluster) for a compressed cluster, qemu's
+   * `qcow2_alloc_bytes`: bytewise from the free byte offset left by the previous call, so several
+   * compressed clusters share a host cluster; a stream that does not fit continues into the next
+   * cluster when that one is free and adjacent, else starts a new cluster. Every host cluster the
+   * bytes touch gains one reference (a shared cluster counts its streams). Returns the offset.
+   */
+  async allocBytes(size: number): Promise<number> {
+    const cs = this.#cs;
+    if (size <= 0 || size > cs) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `qcow2 '${this.#file.path}': cannot allocate ${size} bytes`,
+      );
+    }
+    let offset = this.#freeByte;
+    // A shared cluster whose refcount is saturated takes no more streams.
+    if (offset !== 0 && await this.get(Math.floor(offset / cs)) >= this.#max) offset = 0;
+    let freeInCluster = cs - (offset % cs);
+    if (offset === 0 || freeInCluster < size) {
+      const fresh = await this.#findFree();
+      if (offset === 0 || Math.ceil(offset / cs) * cs !== fresh * cs) {
+        offset = fresh * cs;
+        freeInCluster = cs;
+      } else {
+        freeInCluster += cs;
+      }
+    }
+    const first = Math.floor(offset / cs), last = Math.floor((offset + size - 1) / cs);
+    for (let c = first; c <= last; c++) {
+      await this.add(c, 1);
+      if (c >= this.#freeHint) this.#freeHint = c + 1;
+    }
+    this.#freeByte = (offset + size) % cs === 0 ? 0 : offset + size;
+    return offset;
+  }
+
+  /** Lowest free cluster index (refcount 0), without taking it. */
+  async #findFree(): Promise<number> {
+    for (let c = Math.max(this.#freeHint, 1);; c++) {
+      if ((c + 1) * this.#cs > Number.MAX_SAFE_INTEGER) {
+        throw new BlockError(Errno.ENOSPC, `qcow2 '${this.#file.path}': image file too large`);
+      }
+      // #slot first: creating a refcount block takes the first cluster of its range.
+      const { block, index } = await this.#slot(c);
+      if (this.#read(block, index) === 0) return c;
+    }
+  }
+
+  /**
    * Allocate `n` contiguous free clusters (first fit) for a structure that must be contiguous
    * (bitmap tables, directories); returns the host offset.
    */
@@ -254,7 +306,11 @@ export class RefcountStore {
     for (const c of clusters) {
       // A reference to a cluster counted as free is corruption qemu-img check reports; do not
       // make it worse by creating refcount blocks for it.
-      if (await this.get(c) > 0 && await this.add(c, -1) === 0) freed.push(c);
+      if (await this.get(c) > 0 && await this.add(c, -1) === 0) {
+        freed.push(c);
+        // The partly filled compressed cluster is gone: never append to a reused cluster.
+        if (Math.floor(this.#freeByte / this.#cs) === c) this.#freeByte = 0;
+      }
     }
     return freed;
   }

@@ -133,6 +133,50 @@ export class Qcow2Writer {
     await this.#relieve();
   }
 
+  /**
+   * Store `data`, the compressed form of guest cluster `cluster`, as a compressed cluster
+   * (qemu's `qcow2_alloc_compressed_cluster_offset` + the data write): refused with EIO when the
+   * cluster already has a host offset (normal, zero-allocated or compressed: compression never
+   * overwrites); a zero or unallocated entry is replaced. The bytes are allocated bytewise
+   * (RefcountStore.allocBytes), written, then the entry is linked; the flush orders the rest.
+   */
+  async writeCompressed(cluster: number, data: Uint8Array): Promise<void> {
+    const cs = this.#cs, h = this.#h;
+    const release = await this.#locks.acquire(cluster, cluster);
+    try {
+      const host = await this.#meta.run(async () => {
+        // Prepared like qemu's get_cluster_table: the L2 table becomes writable first.
+        const e = await this.#readEntry(cluster, true);
+        if (entryOffset(e.hi, e.lo) !== 0 || (e.hi & COMPRESSED) !== 0) {
+          throw this.#error(
+            Errno.EIO,
+            `compressed write to guest offset ${cluster * cs}, which is already allocated`,
+          );
+        }
+        return await h.refs.allocBytes(data.length);
+      });
+      try {
+        await this.#io(() => h.file.pwrite(data, host));
+      } catch (e) {
+        await this.#meta.run(() => Promise.resolve(h.refs.queueDecrement(host, data.length)));
+        throw e;
+      }
+      const x = 70 - h.clusterBits; // offset bits 0..x-1, then the extra sector count
+      const nsec = Math.floor((host + data.length - 1) / 512) - Math.floor(host / 512);
+      const next: Entry = {
+        hi: (COMPRESSED | (nsec << (x - 32)) | Math.floor(host / 0x100000000)) >>> 0,
+        lo: host >>> 0,
+        // The subcluster bitmap of a compressed entry must be zero (qcow2 spec).
+        zero: 0,
+        alloc: 0,
+      };
+      await this.#meta.run(() => this.#writeEntry(cluster, next));
+    } finally {
+      release();
+    }
+    await this.#relieve();
+  }
+
   #lockRange(offset: number, length: number): Promise<() => void> {
     const first = Math.floor(offset / this.#cs);
     const last = Math.floor((offset + length - 1) / this.#cs);
