@@ -12,6 +12,8 @@ import type { ServerOptions } from "./cli/options.ts";
 import { openExportStack } from "./block/stack.ts";
 import { describeExport, resolveExportBitmaps } from "./nbd/export.ts";
 import { type ListenAddress, NbdListener } from "./nbd/listener.ts";
+import { PROGRAM } from "./cli/errors.ts";
+import { startTracing } from "./trace/trace_option.ts";
 
 /** How the server talks to the outside world (stderr, readiness for --fork). */
 export interface ServerIo {
@@ -23,7 +25,10 @@ export interface ServerIo {
 
 /** Run the server until it stops; returns the process exit code. */
 export async function runServer(options: ServerOptions, io: ServerIo): Promise<number> {
-  const log = options.verbose ? (msg: string) => io.error(msg) : () => {};
+  // -T: qemu-nbd opens its trace log file before it opens the image.
+  startTracing(options.trace);
+  // qemu-nbd's error_report(): printed with or without -v; the rest are -T trace points.
+  const report = (msg: string) => io.error(`${PROGRAM}: ${msg}`);
   const opened = await openExportStack(options, io.error);
   const device = opened.device;
   let bitmaps: ReturnType<typeof resolveExportBitmaps>;
@@ -54,7 +59,7 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
       address,
       shared: options.shared,
       persistent: options.persistent,
-      session: { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, log },
+      session: { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, report },
     });
   } catch (e) {
     await device.close();

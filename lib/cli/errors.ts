@@ -35,15 +35,19 @@ export const TRY_HELP = `Try \`${PROGRAM} --help' for more information.`;
 export class CliError extends Error {
   /** Further lines, printed as they are after the first one (no trailing newline). */
   readonly hint: string | undefined;
+  /** A file (or "FILE:LINE") the message is about: qemu prints "denbd:FILE: message". */
+  readonly location: string | undefined;
 
-  constructor(message: string, hint?: string) {
+  constructor(message: string, hint?: string, location?: string) {
     super(message);
     this.name = "CliError";
     this.hint = hint;
+    this.location = location;
   }
 }
 
 /** Everything qemu-nbd would write to stderr for this error, ending in a newline. */
 export function formatCliError(err: CliError): string {
-  return `${PROGRAM}: ${err.message}\n` + (err.hint === undefined ? "" : `${err.hint}\n`);
+  const where = err.location === undefined ? "" : `:${err.location}`;
+  return `${PROGRAM}${where}: ${err.message}\n` + (err.hint === undefined ? "" : `${err.hint}\n`);
 }

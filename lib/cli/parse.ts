@@ -5,11 +5,19 @@
  * @module
  */
 
-import { CliError, TRY_HELP } from "./errors.ts";
+import { CliError, PROGRAM, TRY_HELP } from "./errors.ts";
 import { getopt, type OptionSpec } from "./getopt.ts";
 import { helpText, versionText } from "./help.ts";
 import { parseImageOpts, parseQemuOpts, plainImage } from "./image_opts.ts";
 import { parseInt32, parseU64 } from "./numbers.ts";
+import {
+  expandLogfileName,
+  parseTraceOption,
+  TRACE_OPTIONS_HELP,
+  traceEventList,
+  TraceOptionError,
+  type TraceRequest,
+} from "../trace/trace_option.ts";
 import type {
   AioMode,
   CacheMode,
@@ -172,6 +180,8 @@ interface Draft {
   tlsHostname: string | undefined;
   objects: string[];
   trace: string[];
+  /** The log file the last -T names (each -T sets it anew). */
+  traceFile: string | undefined;
   selinuxLabel: string | undefined;
   connect: string | undefined;
   disconnect: boolean;
@@ -209,6 +219,7 @@ function newDraft(): Draft {
     tlsHostname: undefined,
     objects: [],
     trace: [],
+    traceFile: undefined,
     selinuxLabel: undefined,
     connect: undefined,
     disconnect: false,
@@ -421,6 +432,14 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
   } else if (positionals.length !== 1) {
     throw new CliError("Invalid number of arguments", TRY_HELP);
   }
+  // qemu-nbd checks the -T log file's name here (it opens it when the server starts).
+  if (d.traceFile !== undefined) {
+    try {
+      expandLogfileName(d.traceFile, 0);
+    } catch (e) {
+      throw new CliError((e as Error).message);
+    }
+  }
 
   if (d.tlsCreds !== undefined) {
     if (d.connect !== undefined) throw new CliError("TLS is not supported with a host device");
@@ -547,7 +566,41 @@ export function parseCommandLine(argv: readonly string[]): Command {
     const { spec, value } = step.value;
     if (spec.id === "help") return Object.freeze({ kind: "help", text: helpText() });
     if (spec.id === "version") return Object.freeze({ kind: "version", text: versionText() });
+    if (spec.id === "trace") {
+      // qemu-nbd acts on -T at once: its warnings, errors and `help` come at this point.
+      const req = traceOption(value ?? "");
+      if (req.listEvents) return Object.freeze({ kind: "help", text: traceEventList() });
+      if (req.describeOptions) return Object.freeze({ kind: "help", text: TRACE_OPTIONS_HELP });
+      d.traceFile = req.file;
+    }
     apply(d, spec.id, value ?? "");
+  }
+}
+
+/**
+ * One -T argument, read as qemu-nbd reads it (its events file too). Warnings go to stderr as
+ * qemu's warn_report() words them, except in the --fork child, whose parent printed them already.
+ */
+function traceOption(arg: string): TraceRequest {
+  const quiet = forkChild();
+  try {
+    return parseTraceOption(arg, (msg, where) => {
+      if (!quiet) {
+        console.error(`${PROGRAM}${where === undefined ? "" : `:${where}`}: warning: ${msg}`);
+      }
+    });
+  } catch (e) {
+    if (e instanceof TraceOptionError) throw new CliError(e.message, e.hint, e.location);
+    throw e;
+  }
+}
+
+/** main.ts's --fork child marker (the child parses the same command line again). */
+function forkChild(): boolean {
+  try {
+    return Deno.env.get("DENBD_FORK_CHILD") === "1";
+  } catch {
+    return false;
   }
 }
 
@@ -562,7 +615,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.tlsHostname !== undefined, "--tls-hostname is not supported yet"],
   [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
   [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
-  [(o) => o.trace.length > 0, "-T/--trace is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
   [(o) => o.aio === "native", "--aio=native is not supported yet"],
 ];

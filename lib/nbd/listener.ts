@@ -8,6 +8,7 @@
  */
 
 import { serveConnection, type SessionOptions } from "./session.ts";
+import { denbd_accept_failed } from "../trace/events.ts";
 
 export type ListenAddress =
   | { readonly transport: "tcp"; readonly hostname: string; readonly port: number }
@@ -74,8 +75,8 @@ export class NbdListener {
       try {
         conn = await this.#listener.accept();
       } catch (e) {
-        if (!this.#stopping) {
-          this.#options.session.log(`accept failed: ${e instanceof Error ? e.message : e}`);
+        if (!this.#stopping && denbd_accept_failed.on) {
+          denbd_accept_failed.emit(e instanceof Error ? e.message : String(e));
         }
         break;
       }

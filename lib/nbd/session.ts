@@ -31,12 +31,19 @@ import {
   NBD_FLAG_READ_ONLY,
   NBD_MAX_BLOCK_STATUS_EXTENTS,
   NBD_MAX_BUFFER_SIZE,
+  NBD_OPT_EXPORT_NAME,
   NBD_REQUEST_SIZE,
   nbdErrno,
 } from "./constants.ts";
 import { BufferedReader, type ByteConn, ReplyWriter } from "./conn_io.ts";
 import { bufferPool } from "./buffer_pool.ts";
-import { type ExportDescriptor, initialState, type Negotiated, step } from "./handshake.ts";
+import {
+  type ExportDescriptor,
+  type HandshakeState,
+  initialState,
+  type Negotiated,
+  step,
+} from "./handshake.ts";
 import { bitmapContextId } from "./meta_context.ts";
 import {
   allocDataChunk,
@@ -55,6 +62,9 @@ import {
   SIMPLE_DATA_OFFSET,
 } from "./wire.ts";
 import { BlockError } from "../block/types.ts";
+import * as ev from "../trace/events.ts";
+import { handleOf, nbdErrName } from "../trace/events.ts";
+import { negotiationTraced, traceNegotiationStep } from "../trace/negotiate_trace.ts";
 
 /**
  * Requests run at once on one connection (qemu allows 16). Measured 2026-12-01 with fio QD128,
@@ -73,8 +83,11 @@ export interface SessionOptions {
   readonly bitmaps?: readonly BlockBitmap[];
   /** Seconds allowed for the handshake; 0 = no limit. */
   readonly handshakeLimit: number;
-  /** Diagnostic log (stderr under -v). */
-  readonly log: (msg: string) => void;
+  /**
+   * What qemu-nbd reports with error_report() whatever -v says: a failed negotiation, a client
+   * dropped for a bad request. The caller adds the program name. Everything else is a trace point.
+   */
+  readonly report: (msg: string) => void;
 }
 
 /** How a session ended: whether it reached transmission (qemu counts only those for -t). */
@@ -104,7 +117,13 @@ export async function serveConnection(
     await new Transmission(reader, writer, options, negotiated).run();
     return { negotiated: true };
   } catch (e) {
-    options.log(`connection error: ${e instanceof Error ? e.message : String(e)}`);
+    const socket = e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe;
+    options.report(
+      `Disconnect client, due to: ${
+        socket ? socketError(e, "read from") : e instanceof Error ? e.message : String(e)
+      }`,
+    );
+    if (ev.denbd_internal_error.on) ev.denbd_internal_error.emit(describeException(e));
     return { negotiated: negotiated !== undefined };
   } finally {
     await writer.drain();
@@ -122,33 +141,42 @@ async function handshake(
   const timer = options.handshakeLimit > 0
     ? setTimeout(() => {
       timedOut = true;
-      options.log("handshake time limit reached; closing connection");
+      if (ev.nbd_handshake_timer_cb.on) ev.nbd_handshake_timer_cb.emit();
+      // As qemu's shutdown of the socket: the pending read ends and is reported as EOF.
       closeConn();
     }, options.handshakeLimit * 1000)
     : undefined;
+  const traced = negotiationTraced();
   try {
+    if (ev.nbd_negotiate_begin.on) ev.nbd_negotiate_begin.emit();
     writer.send(encodeGreeting());
     let state = initialState(options.export);
     for (;;) {
-      const res = step(state, reader.peek());
+      const input = reader.peek();
+      const res = step(state, input);
+      if (traced) traceNegotiationStep(state, input, res);
       reader.skip(res.consumed);
       for (const r of res.replies) writer.send(r);
       state = res.state;
       switch (res.effect.kind) {
         case "continue":
           continue;
-        case "more":
+        case "more": {
+          let cause = EOF_DATA;
           try {
-            if (!(await reader.fillMore())) return undefined;
+            if (await reader.fillMore()) continue;
           } catch (e) {
-            if (timedOut) return undefined;
-            throw e;
+            if (!timedOut) cause = socketError(e, "read from");
           }
-          continue;
+          options.report(
+            `option negotiation failed: ${readingWhat(state, reader.available)}${cause}`,
+          );
+          return undefined;
+        }
         case "go":
           return res.effect.negotiated;
         case "close":
-          if (!res.effect.clean) options.log(`option negotiation failed: ${res.effect.reason}`);
+          if (!res.effect.clean) options.report(`option negotiation failed: ${res.effect.reason}`);
           return undefined;
       }
     }
@@ -167,7 +195,7 @@ class Transmission {
   readonly #readOnly: boolean;
   readonly #structured: boolean;
   readonly #neg: Negotiated;
-  readonly #log: (msg: string) => void;
+  readonly #report: (msg: string) => void;
   #inFlight = 0;
   #inFlightBytes = 0;
   #slotFree: (() => void) | undefined;
@@ -187,7 +215,7 @@ class Transmission {
     this.#readOnly = (neg.flags & NBD_FLAG_READ_ONLY) !== 0;
     this.#structured = neg.structured;
     this.#neg = neg;
-    this.#log = options.log;
+    this.#report = options.report;
   }
 
   async run(): Promise<void> {
@@ -207,11 +235,26 @@ class Transmission {
           await new Promise<void>((resolve) => this.#slotFree = resolve);
           continue;
         }
-        if (!(await reader.fill(NBD_REQUEST_SIZE))) break; // client went away
+        if (ev.nbd_trip.on) ev.nbd_trip.emit();
+        let whole: boolean;
+        try {
+          whole = await reader.fill(NBD_REQUEST_SIZE);
+        } catch (e) {
+          this.#disconnect(socketError(e, "read from"));
+          break;
+        }
+        if (!whole) {
+          // The client went away; between requests that is no error for qemu.
+          if (reader.available > 0) this.#disconnect(EOF_BYTES);
+          break;
+        }
         decodeRequest(reader.dataView, reader.position, req);
         reader.skip(NBD_REQUEST_SIZE);
+        if (ev.nbd_receive_request.on) {
+          ev.nbd_receive_request.emit(req.magic, req.flags, req.type, req.offset, req.length);
+        }
         if (!requestMagicOk(req)) {
-          this.#log(`invalid magic (got 0x${req.magic.toString(16)})`);
+          this.#disconnect(INTERMEDIATE);
           this.#replyError(
             req.cookieHi,
             req.cookieLo,
@@ -220,12 +263,23 @@ class Transmission {
           );
           break;
         }
-        if (req.type === NBD_CMD_DISC) break;
+        if (ev.nbd_co_receive_request_decode_type.on) {
+          ev.nbd_co_receive_request_decode_type.emit(
+            handleOf(req.cookieHi, req.cookieLo),
+            req.type,
+            commandName(req.type),
+          );
+        }
+        if (req.type === NBD_CMD_DISC) {
+          if (ev.nbd_trip.on) ev.nbd_trip.emit(); // qemu starts the next read before it stops
+          break;
+        }
 
         let payload: Uint8Array | undefined;
         if (req.type === NBD_CMD_WRITE) {
           if (req.length > NBD_MAX_BUFFER_SIZE) {
             // The payload cannot be consumed safely: answer, then drop the connection.
+            this.#disconnect(INTERMEDIATE);
             this.#replyError(
               req.cookieHi,
               req.cookieLo,
@@ -236,9 +290,23 @@ class Transmission {
           }
           const data = bufferPool.get(req.length);
           payload = data;
-          if (!(await reader.readInto(data, 0, req.length))) {
+          let got = false;
+          let cause = EOF_DATA;
+          try {
+            got = await reader.readInto(data, 0, req.length);
+          } catch (e) {
+            cause = socketError(e, "read from");
+          }
+          if (!got) {
             bufferPool.put(data);
+            this.#disconnect(`Failed to read CMD_WRITE data: ${cause}`);
             break;
+          }
+          if (ev.nbd_co_receive_request_payload_received.on) {
+            ev.nbd_co_receive_request_payload_received.emit(
+              handleOf(req.cookieHi, req.cookieLo),
+              req.length,
+            );
           }
         }
         const invalid = this.#validate(req);
@@ -261,6 +329,18 @@ class Transmission {
       // Outstanding requests finish and are answered before the connection closes (DISC rule).
       while (this.#inFlight > 0) await new Promise<void>((resolve) => this.#slotFree = resolve);
     }
+    await this.#writer.drain();
+    const failed = this.#writer.failed;
+    if (failed !== undefined) {
+      this.#disconnect(`Failed to send reply: ${socketError(failed, "write to")}`);
+    }
+  }
+
+  /** qemu's "Disconnect client, due to: ..." (said once per connection). */
+  #disconnect(why: string): void {
+    if (this.#fatal) return;
+    this.#fatal = true;
+    this.#report(`Disconnect client, due to: ${why}`);
   }
 
   /** qemu 7.2's checks, in its order; returns the error message or undefined. */
@@ -376,9 +456,17 @@ class Transmission {
     if (!this.#structured) {
       const reply = allocSimpleReply(cookieHi, cookieLo, 0, length, POOL_GET);
       await readOrRelease(dev, reply.subarray(SIMPLE_DATA_OFFSET), offset, reply);
+      if (ev.nbd_co_send_simple_reply.on) {
+        ev.nbd_co_send_simple_reply.emit(handleOf(cookieHi, cookieLo), 0, "success", length);
+      }
       return this.#writer.send(reply, POOL_PUT);
     }
-    if (length === 0) return this.#writer.send(encodeDoneChunk(cookieHi, cookieLo));
+    if (length === 0) {
+      if (ev.nbd_co_send_structured_done.on) {
+        ev.nbd_co_send_structured_done.emit(handleOf(cookieHi, cookieLo));
+      }
+      return this.#writer.send(encodeDoneChunk(cookieHi, cookieLo));
+    }
     if (flags & NBD_CMD_FLAG_DF) return await this.#readWhole(cookieHi, cookieLo, offset, length);
     // Sparse read as qemu does it: one chunk per extent, zero extents as OFFSET_HOLE.
     const pairs = await this.#collect(offset, length, 1024, (o, l, out) => dev.extents(o, l, out));
@@ -425,6 +513,9 @@ class Transmission {
       bufferPool.put(buf);
       throw e;
     }
+    if (ev.nbd_co_send_structured_read.on || ev.nbd_co_send_structured_read_hole.on) {
+      traceSparseRead(handleOf(cookieHi, cookieLo), offset, runs);
+    }
     this.#writer.send(buf, POOL_PUT);
   }
 
@@ -437,6 +528,9 @@ class Transmission {
   ): Promise<void> {
     const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true, POOL_GET);
     await readOrRelease(this.#dev, reply.subarray(CHUNK_DATA_OFFSET), offset, reply);
+    if (ev.nbd_co_send_structured_read.on) {
+      ev.nbd_co_send_structured_read.emit(handleOf(cookieHi, cookieLo), offset, length);
+    }
     this.#writer.send(reply, POOL_PUT);
   }
 
@@ -466,7 +560,7 @@ class Transmission {
         (o, l, out) => this.#dev.extents(o, l, out),
       );
       chunks.push(
-        encodeBlockStatusChunk(cookieHi, cookieLo, META_ID_BASE_ALLOCATION, ext, --remaining === 0),
+        this.#extentsChunk(cookieHi, cookieLo, META_ID_BASE_ALLOCATION, ext, --remaining === 0),
       );
     }
     if (meta.allocationDepth) {
@@ -481,13 +575,7 @@ class Transmission {
             : Promise.resolve(void out.add(l, 1)),
       );
       chunks.push(
-        encodeBlockStatusChunk(
-          cookieHi,
-          cookieLo,
-          META_ID_ALLOCATION_DEPTH,
-          ext,
-          --remaining === 0,
-        ),
+        this.#extentsChunk(cookieHi, cookieLo, META_ID_ALLOCATION_DEPTH, ext, --remaining === 0),
       );
     }
     // qemu:dirty-bitmap:NAME, in export order (qemu's nbd_co_send_bitmap).
@@ -497,13 +585,7 @@ class Transmission {
       if (bitmap !== undefined) bitmap.extents(offset, length, ext);
       else ext.add(length, 0);
       chunks.push(
-        encodeBlockStatusChunk(
-          cookieHi,
-          cookieLo,
-          bitmapContextId(i),
-          ext.pairs,
-          --remaining === 0,
-        ),
+        this.#extentsChunk(cookieHi, cookieLo, bitmapContextId(i), ext.pairs, --remaining === 0),
       );
     }
     for (const c of chunks) this.#writer.send(c);
@@ -539,22 +621,64 @@ class Transmission {
     return pairs;
   }
 
+  /** One block-status chunk: `pairs` are (length, flags) pairs. */
+  #extentsChunk(
+    cookieHi: number,
+    cookieLo: number,
+    id: number,
+    pairs: readonly number[],
+    last: boolean,
+  ): Uint8Array {
+    if (ev.nbd_co_send_extents.on) {
+      let covered = 0;
+      for (let i = 0; i < pairs.length; i += 2) covered += pairs[i]!;
+      ev.nbd_co_send_extents.emit(
+        handleOf(cookieHi, cookieLo),
+        pairs.length / 2,
+        id,
+        covered,
+        last,
+      );
+    }
+    return encodeBlockStatusChunk(cookieHi, cookieLo, id, pairs, last);
+  }
+
   #replyOk(cookieHi: number, cookieLo: number): void {
+    if (ev.nbd_co_send_simple_reply.on) {
+      ev.nbd_co_send_simple_reply.emit(handleOf(cookieHi, cookieLo), 0, "success", 0);
+    }
     this.#writer.send(allocSimpleReply(cookieHi, cookieLo, 0, 0));
   }
 
   #replyError(cookieHi: number, cookieLo: number, error: number, message: string): void {
-    if (this.#structured) this.#writer.send(encodeErrorChunk(cookieHi, cookieLo, error, message));
-    else this.#writer.send(allocSimpleReply(cookieHi, cookieLo, error, 0));
+    if (this.#structured) {
+      if (ev.nbd_co_send_structured_error.on) {
+        ev.nbd_co_send_structured_error.emit(
+          handleOf(cookieHi, cookieLo),
+          error,
+          nbdErrName(error),
+          message,
+        );
+      }
+      this.#writer.send(encodeErrorChunk(cookieHi, cookieLo, error, message));
+    } else {
+      if (ev.nbd_co_send_simple_reply.on) {
+        ev.nbd_co_send_simple_reply.emit(handleOf(cookieHi, cookieLo), error, nbdErrName(error), 0);
+      }
+      this.#writer.send(allocSimpleReply(cookieHi, cookieLo, error, 0));
+    }
   }
 
   #failed(type: number, cookieHi: number, cookieLo: number, e: unknown): void {
     const errno = e instanceof BlockError ? e.errno : 5;
     const msg = e instanceof Error ? e.message : String(e);
-    this.#log(`${commandName(type)} failed: ${msg}`);
-    if (!(e instanceof BlockError)) {
-      // A bug rather than an I/O error: answer EIO and keep serving, but say so.
-      this.#log(e instanceof Error && e.stack ? e.stack : msg);
+    // qemu-nbd sends the error to the client and prints nothing: trace points only.
+    if (ev.denbd_request_failed.on) {
+      ev.denbd_request_failed.emit(handleOf(cookieHi, cookieLo), commandName(type), msg);
+    }
+    if (!(e instanceof BlockError) && ev.denbd_internal_error.on) {
+      // A bug rather than an I/O error: answered EIO, and the stack is there for whoever traces.
+      ev.denbd_internal_error.emit(describeException(e));
     }
     this.#replyError(cookieHi, cookieLo, nbdErrno(errno), msg);
   }
@@ -576,6 +700,61 @@ async function readOrRelease(
     bufferPool.put(whole);
     throw e;
   }
+}
+
+/** The chunks of a sparse read, as qemu traces them (data and hole chunks in order). */
+function traceSparseRead(handle: bigint, offset: number, runs: readonly number[]): void {
+  for (let i = 0; i < runs.length; i += 3) {
+    if (runs[i + 2]) {
+      if (ev.nbd_co_send_structured_read_hole.on) {
+        ev.nbd_co_send_structured_read_hole.emit(handle, offset + runs[i]!, runs[i + 1]!);
+      }
+    } else if (ev.nbd_co_send_structured_read.on) {
+      ev.nbd_co_send_structured_read.emit(handle, offset + runs[i]!, runs[i + 1]!);
+    }
+  }
+}
+
+/** qemu's wording for an end of file in the middle of a message. */
+const EOF_DATA = "Unexpected end-of-file before all data were read";
+/** ... and for one in the middle of a request header (nbd_read_eof's variant). */
+const EOF_BYTES = "Unexpected end-of-file before all bytes were read";
+/** What qemu 7.2 says when it drops a client for a request it could not take in. */
+const INTERMEDIATE = "Request handling failed in intermediate state";
+
+/** A socket error in qemu's words ("Unable to read from socket: Connection reset by peer"). */
+function socketError(e: unknown, op: "read from" | "write to"): string {
+  let why: string;
+  if (e instanceof Deno.errors.ConnectionReset) why = "Connection reset by peer";
+  else if (e instanceof Deno.errors.BrokenPipe) why = "Broken pipe";
+  else {
+    const msg = e instanceof Error ? e.message : String(e);
+    why = /^(.*?) \(os error \d+\)/.exec(msg)?.[1] ?? msg;
+  }
+  return `Unable to ${op} socket: ${why}`;
+}
+
+/**
+ * What qemu was reading when negotiation hit an end of file: its message names the field (the
+ * client flags, the three parts of an option header, an export name); option data has no name.
+ */
+function readingWhat(state: HandshakeState, buffered: number): string {
+  switch (state.kind) {
+    case "clientFlags":
+      return "Failed to read flags: ";
+    case "optionHeader":
+      if (buffered < 8) return "Failed to read opts magic: ";
+      return buffered < 12 ? "Failed to read option: " : "Failed to read option length: ";
+    case "optionData":
+      return state.option === NBD_OPT_EXPORT_NAME ? "Failed to read export name: " : "";
+    case "skip":
+    case "finished":
+      return "";
+  }
+}
+
+function describeException(e: unknown): string {
+  return e instanceof Error ? (e.stack ?? e.message) : String(e);
 }
 
 function hasZero(pairs: readonly number[]): boolean {
