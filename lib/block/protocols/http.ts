@@ -12,14 +12,15 @@
  *   bytes, as every qemu node is, and reads past the real end return zeroes), servers without
  *   `Accept-Ranges: bytes` are refused, failures read "CURL: Error opening file: <curl's text>";
  * - a read that no cached or in-flight buffer covers becomes `GET Range: bytes=off-(off+len+
- *   readahead-1)`, clamped to the file; the readahead part is kept in one of a few buffers and
- *   later reads inside a buffer are answered from it, waiting for in-flight data when needed;
+ *   readahead-1)`, clamped to the file, kept in one of a few buffers; later reads inside a
+ *   buffer are answered from it, waiting for in-flight data when needed (the same requests as
+ *   qemu for the same reads);
  * - a failed transfer is reported once as `curl: <message>` through `warn` (the first 100, then
  *   "curl: further errors suppressed") and fails its reads with EIO; other reads go on.
  *
  * Differences, deliberate: up to {@link DEFAULT_CONNECTIONS} keep-alive connections carry
- * transfers in parallel (qemu: 8 curl handles); the primary part of a miss is read straight into
- * the caller's buffer and only the readahead part is cached; a server that answers a ranged GET
+ * transfers in parallel (qemu: 8 curl handles); a read over 64 KiB is read straight into the
+ * caller's buffer and only its readahead part is cached (qemu caches it whole); a server that answers a ranged GET
  * at a non-zero offset with the whole file (200) is an EIO instead of wrong data; a 206 body
  * shorter than the range is an EIO (qemu would wait forever); proxies (`http_proxy`) are not
  * used; secrets cannot be defined (no `--object`), so the `*-secret` options fail as qemu fails
@@ -50,6 +51,8 @@ const TIMEOUT_DEFAULT = 5;
 const TIMEOUT_MAX = 10000;
 /** Readahead buffers are bounded by count and by total bytes. */
 const MAX_SLOTS = 32;
+/** Reads up to this size are kept in the cache with their readahead; larger ones only the latter. */
+const CACHE_WHOLE_MAX = 64 * 1024;
 const SLOT_BYTES_BUDGET = 64 * 1024 * 1024;
 /** qemu reports the first 100 transfer errors. */
 const ERROR_REPORTS = 100;
@@ -299,9 +302,8 @@ export class HttpDevice implements BlockDevice {
     this.#url = o.url;
     this.contentLength = contentLength;
     this.size = Math.ceil(contentLength / 512) * 512;
-    const slots = o.readahead === 0
-      ? 0
-      : Math.max(2, Math.min(MAX_SLOTS, Math.floor(SLOT_BYTES_BUDGET / o.readahead)));
+    const slotBytes = o.readahead + CACHE_WHOLE_MAX;
+    const slots = Math.max(2, Math.min(MAX_SLOTS, Math.floor(SLOT_BYTES_BUDGET / slotBytes)));
     for (let i = 0; i < slots; i++) this.#slots.push(new Slot());
   }
 
@@ -333,7 +335,12 @@ export class HttpDevice implements BlockDevice {
   #miss(dst: Uint8Array, offset: number): Promise<void> {
     const primaryEnd = offset + dst.length;
     const tail = Math.min(this.#readahead, this.contentLength - primaryEnd);
-    const slot = tail > 0 ? this.#claim(primaryEnd, tail) : undefined;
+    // Small reads are cached whole, as qemu caches them (probes and metadata are read again);
+    // a large read goes straight into the caller's buffer and only its readahead is kept.
+    const whole = dst.length <= CACHE_WHOLE_MAX;
+    const slot = whole || tail > 0
+      ? this.#claim(whole ? offset : primaryEnd, (whole ? dst.length : 0) + tail)
+      : undefined;
     const done = Promise.withResolvers<void>();
     const t = this.#transfer(dst, offset, slot, done);
     this.#transfers.add(t);
@@ -349,7 +356,7 @@ export class HttpDevice implements BlockDevice {
       if (best === undefined || s.lastUse < best.lastUse) best = s;
     }
     if (best === undefined) return undefined;
-    if (best.buf.length < length) best.buf = new Uint8Array(this.#readahead);
+    if (best.buf.length < length) best.buf = new Uint8Array(this.#readahead + CACHE_WHOLE_MAX);
     best.state = SlotState.Pending;
     best.start = start;
     best.length = length;
@@ -364,18 +371,27 @@ export class HttpDevice implements BlockDevice {
     slot: Slot | undefined,
     done: PromiseWithResolvers<void>,
   ): Promise<void> {
-    const last = offset + dst.length + (slot?.length ?? 0) - 1;
+    const inSlot = slot !== undefined && slot.start === offset;
+    const last = inSlot ? offset + slot.length - 1 : offset + dst.length + (slot?.length ?? 0) - 1;
     let primaryDone = false;
     try {
       await this.#client.request("GET", [offset, last], async (head, body) => {
         checkRange(head, offset);
-        await readExact(body, dst);
-        primaryDone = true;
-        done.resolve();
-        if (slot !== undefined) {
-          await readExact(body, slot.buf.subarray(0, slot.length), (n) => this.#progress(slot, n));
-          slot.state = SlotState.Done;
+        if (!inSlot) {
+          await readExact(body, dst);
+          primaryDone = true;
+          done.resolve();
         }
+        if (slot === undefined) return;
+        await readExact(body, slot.buf.subarray(0, slot.length), (n) => {
+          if (inSlot && !primaryDone && n >= dst.length) {
+            dst.set(slot.buf.subarray(0, dst.length));
+            primaryDone = true;
+            done.resolve();
+          }
+          this.#progress(slot, n);
+        });
+        slot.state = SlotState.Done;
       });
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
