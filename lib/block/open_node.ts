@@ -25,6 +25,12 @@ import { OffsetFilter } from "./filters/offset.ts";
 import { ProbeGuardFilter } from "./filters/probe_guard.ts";
 import { DeviceFile } from "./protocols/device_file.ts";
 import { NullDevice } from "./protocols/null.ts";
+import { openNbdProtocol } from "./protocols/nbd.ts";
+import { parseNbdFilename } from "./protocols/nbd_filename.ts";
+import { openHttpProtocol } from "./protocols/http.ts";
+import { parseHttpFilename } from "./protocols/http_filename.ts";
+import { CompressFilter } from "./filters/compress.ts";
+import { CopyOnReadFilter } from "./filters/copy_on_read.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
@@ -66,6 +72,11 @@ const PROTOCOLS: ReadonlySet<string> = new Set([
   "http",
   "https",
 ]);
+/** Filename prefixes that name a protocol driver by another name (qemu's protocol_name list). */
+const PROTOCOL_PREFIXES: Readonly<Record<string, string>> = {
+  "nbd+tcp": "nbd",
+  "nbd+unix": "nbd",
+};
 const FILTERS: ReadonlySet<string> = new Set(["compress", "copy-on-read"]);
 /** qemu 7.2 drivers (Debian build) denbd does not open: "not supported", not "Unknown". */
 const QEMU_ONLY: ReadonlySet<string> = new Set([
@@ -128,9 +139,7 @@ export async function openTopNode(opts: NodeOptions, ctx: NodeContext): Promise<
 
 async function openNode(opts: NodeOptions, ctx: NodeContext, top: boolean): Promise<OpenedNode> {
   const driver = opts["driver"];
-  if (driver !== undefined && FILTERS.has(driver)) {
-    throw new BlockError(Errno.ENOTSUP, `Filter driver '${driver}' is not supported by denbd yet`);
-  }
+  if (driver !== undefined && FILTERS.has(driver)) return await openFilter(driver, opts, ctx);
   if (driver !== undefined && PROTOCOLS.has(driver)) {
     const proto = await openProtocol(opts, ctx);
     return { device: protocolAsDevice(proto, ctx), format: "protocol", probed: false };
@@ -158,6 +167,68 @@ async function openNode(opts: NodeOptions, ctx: NodeContext, top: boolean): Prom
     return await openFormat(driver as "raw" | "qcow2" | undefined, own, proto, ctx, top);
   } catch (e) {
     closeProtocol(proto);
+    throw e;
+  }
+}
+
+/**
+ * A filter driver over its `file` child. The child is a format when it names one (`driver`),
+ * else a protocol node: qemu does not probe below a filter.
+ */
+async function openFilter(
+  driver: string,
+  opts: NodeOptions,
+  ctx: NodeContext,
+): Promise<OpenedNode> {
+  const own = ownOptions(opts, ["file"]);
+  const child = subOptions(opts, "file.");
+  const known = driver === "copy-on-read" ? ["driver", "bottom"] : ["driver"];
+  if (own["file"] !== undefined) {
+    const ref = own["file"];
+    throw new BlockError(Errno.EINVAL, `Cannot find device='${ref}' nor node-name='${ref}'`);
+  }
+  for (const k of Object.keys(own)) {
+    if (!known.includes(k)) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `Block format '${driver}' does not support the option '${k}'`,
+      );
+    }
+  }
+  if (Object.keys(child).length === 0) {
+    throw new BlockError(Errno.EINVAL, `A block device must be specified for "file"`);
+  }
+  const childDriver = child["driver"];
+  const below = childDriver !== undefined && (FORMATS.has(childDriver) || FILTERS.has(childDriver))
+    ? await openNode(child, ctx, true)
+    : {
+      device: protocolAsDevice(await openProtocol(expandJson(child), ctx), ctx),
+      format: "protocol" as const,
+      probed: false,
+    };
+  try {
+    if (driver === "compress") {
+      const name = below.format === "protocol" ? (childDriver ?? "file") : below.format;
+      return { device: new CompressFilter(below.device, name), format: "filter", probed: false };
+    }
+    // copy-on-read
+    if (own["bottom"] !== undefined) {
+      // Node names do not exist in a standalone server, so no bottom node can be found.
+      throw new BlockError(Errno.EINVAL, `Bottom node '${own["bottom"]}' not found`);
+    }
+    if (!ctx.writable) throw new BlockError(Errno.EPERM, "Block node is read-only");
+    const cs = (below.device as { clusterSize?: number }).clusterSize;
+    if (cs === undefined || below.device.allocationDepth === undefined) {
+      // No backing chain below (raw, a protocol): every read is already in the top image.
+      return { device: below.device, format: "filter", probed: false };
+    }
+    return {
+      device: new CopyOnReadFilter(below.device, { clusterSize: cs }),
+      format: "filter",
+      probed: false,
+    };
+  } catch (e) {
+    await below.device.close().catch(() => {});
     throw e;
   }
 }
@@ -227,7 +298,8 @@ function boolOpt(opts: NodeOptions, key: string, fallback: boolean): boolean {
 
 async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protocol> {
   const filename = opts["filename"];
-  const named = filename === undefined ? undefined : filenameProtocol(filename);
+  const prefix = filename === undefined ? undefined : filenameProtocol(filename);
+  const named = prefix === undefined ? undefined : (PROTOCOL_PREFIXES[prefix] ?? prefix);
   const driver = opts["driver"] ?? named ?? "file";
   if (opts["driver"] === undefined && named !== undefined && !PROTOCOLS.has(named)) {
     throw new BlockError(Errno.EINVAL, `Unknown protocol '${named}'`);
@@ -275,6 +347,38 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
         writable: ctx.writable,
       });
       return { kind: "device", dev, name: filename ?? `${driver}://` };
+    }
+    case "nbd": {
+      const own = { ...opts };
+      delete own["driver"];
+      delete own["filename"];
+      const fromName = filename === undefined ? {} : parseNbdFilename(filename);
+      for (const k of Object.keys(own)) {
+        if (k in fromName) {
+          throw new BlockError(
+            Errno.EINVAL,
+            "No valid URL specified", /* qemu: a filename and explicit server options */
+          );
+        }
+      }
+      const dev = await openNbdProtocol({ ...fromName, ...own }, {
+        writable: ctx.writable,
+        warn: ctx.warn,
+      });
+      return { kind: "device", dev, name: filename ?? "nbd" };
+    }
+    case "http":
+    case "https": {
+      const own = { ...opts };
+      delete own["driver"];
+      delete own["filename"];
+      const fromName = filename === undefined ? {} : parseHttpFilename(filename);
+      const dev = await openHttpProtocol({ ...fromName, ...own }, {
+        writable: ctx.writable,
+        warn: ctx.warn,
+        driver,
+      });
+      return { kind: "device", dev, name: filename ?? own["url"] ?? driver };
     }
     default:
       throw new BlockError(
@@ -340,7 +444,8 @@ async function openFormat(
     });
     return { device, format, probed: false };
   }
-  if (probed) {
+  // qemu warns only when it will write the image itself (neither -r nor -s).
+  if (probed && ctx.writable) {
     ctx.warn(
       `WARNING: Image format was not specified for '${
         protocolName(proto)

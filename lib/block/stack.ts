@@ -177,7 +177,8 @@ async function openImage(
     return { device: dev, format, probed: false };
   }
   try {
-    if (probed) {
+    // qemu warns only when it will write the image itself (neither -r nor -s).
+    if (probed && writable) {
       warn(
         `WARNING: Image format was not specified for '${image.filename}' and probing guessed raw.\n` +
           "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +

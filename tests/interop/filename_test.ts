@@ -77,6 +77,10 @@ Deno.test("filename: file:PATH, probed and with -f, raw and qcow2, as qemu-nbd",
     const view = await compareServers(dir, () => ["-f", "qcow2", `file:${qcow2}`]);
     assert.equal(view["export-size"], 4 * MiB);
     await compareServers(dir, () => [`file:${qcow2}`]);
+    // qemu warns about a probed raw image only when it may write it (not under -r or -s).
+    await compareServers(dir, () => ["-r", `file:${raw}`]);
+    await compareServers(dir, () => ["-r", raw]);
+    await compareServers(dir, () => ["-s", raw]);
   });
 });
 

@@ -1,0 +1,330 @@
+/**
+ * The nbd, http(s), compress and copy-on-read drivers through the command line, differential
+ * against qemu-nbd: the same filename or --image-opts given to both servers must give identical
+ * `nbdinfo --json` flags and sizes, `nbdinfo --map` and data; writes through an NBD proxy must
+ * reach the origin; images built through `driver=compress` or read through `copy-on-read` must
+ * come out as qemu-nbd leaves them.
+ */
+
+import assert from "node:assert/strict";
+import {
+  makeSparseImage,
+  MiB,
+  run,
+  runOk,
+  Server,
+  serverArgv,
+  type ServerKind,
+  withTempDir,
+} from "./_harness.ts";
+import { startNginx } from "./_nginx.ts";
+
+async function describe(uri: string): Promise<Record<string, unknown>> {
+  const info = JSON.parse((await runOk(["nbdinfo", "--json", uri])).stdout);
+  const exp = info.exports[0];
+  delete exp["uri"];
+  delete exp["export-name"];
+  const map = (await runOk(["nbdinfo", "--map", uri])).stdout;
+  return { ...exp, protocol: info.protocol, map };
+}
+
+/** The probe's hang-up message aside, what a server printed, with its name normalised. */
+function messages(s: Server): string {
+  return s.stderr.replaceAll("denbd", "qemu-nbd").replace(
+    /^qemu-nbd: option negotiation failed: .*\n/gm,
+    "",
+  );
+}
+
+/** Both servers with `args(kind)`: same view, same data, same messages. */
+async function compareServers(dir: string, args: (kind: ServerKind) => string[]): Promise<void> {
+  const servers: Server[] = [];
+  try {
+    for (const kind of ["qemu-nbd", "denbd"] as const) {
+      servers.push(await Server.start({ dir, kind, args: ["-t", ...args(kind)] }));
+    }
+    const [ref, got] = servers as [Server, Server];
+    assert.deepEqual(await describe(got.uri), await describe(ref.uri));
+    const cmp = await run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ref.uri, got.uri]);
+    assert.equal(cmp.code, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
+    assert.equal(messages(got), messages(ref));
+  } finally {
+    for (const s of servers) await s.stop();
+  }
+}
+
+async function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
+  const raw = `${dir}/disk.img`;
+  await makeSparseImage(raw, 8 * MiB, [
+    { offset: 0, length: 192 * 1024, fill: "random", seed: 5 },
+    { offset: 3 * MiB, length: 64 * 1024, fill: 0x22 },
+    { offset: 6 * MiB, length: MiB, fill: "random", seed: 6 },
+  ]);
+  const qcow2 = `${dir}/disk.qcow2`;
+  await runOk(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
+  return { raw, qcow2 };
+}
+
+/** An origin server for the proxies: its unix socket URI in every filename form. */
+function forms(sock: string): string[][] {
+  return [
+    [`nbd+unix:///?socket=${sock}`],
+    ["-f", "raw", `nbd:unix:${sock}`],
+    ["--image-opts", `driver=nbd,server.type=unix,server.path=${sock}`],
+    [`json:${JSON.stringify({ driver: "raw", file: { driver: "nbd", path: sock } })}`],
+  ];
+}
+
+for (const origin of ["qemu-nbd", "denbd"] as const) {
+  Deno.test(`nbd driver: both servers re-exporting ${origin} look the same, in every filename form`, async () => {
+    await withTempDir(async (dir) => {
+      const { qcow2 } = await makeImages(dir);
+      const o = await Server.start({
+        dir,
+        kind: origin,
+        image: qcow2,
+        args: ["-t", "-e", "0", "-f", "qcow2", "-r"],
+      });
+      try {
+        for (const f of forms(o.socketPath!)) await compareServers(dir, () => ["-r", ...f]);
+      } finally {
+        await o.stop();
+      }
+    });
+  });
+}
+
+Deno.test("nbd driver: writes, zeroes and trims through a proxy reach the origin; qemu-nbd in front of denbd", async () => {
+  await withTempDir(async (dir) => {
+    const { raw } = await makeImages(dir);
+    const o = await Server.start({
+      dir,
+      kind: "qemu-nbd",
+      image: raw,
+      args: ["-t", "-e", "0", "-f", "raw"],
+    });
+    try {
+      const proxy = await Server.start({
+        dir,
+        kind: "denbd",
+        args: ["-t", "-f", "raw", "--discard=unmap", `nbd+unix:///?socket=${o.socketPath}`],
+      });
+      try {
+        await runOk([
+          "qemu-io",
+          "-f",
+          "raw",
+          "-c",
+          "write -P 0x77 1M 128k",
+          "-c",
+          "write -z 6M 64k",
+          "-c",
+          "discard 3M 64k",
+          "-c",
+          "flush",
+          proxy.uri,
+        ]);
+        // Seen at the origin, by a client of the origin, ...
+        const r = await runOk([
+          "qemu-io",
+          "-f",
+          "raw",
+          "-c",
+          "read -P 0x77 1M 128k",
+          "-c",
+          "read -P 0 6M 64k",
+          o.uri,
+        ]);
+        assert.doesNotMatch(r.stdout, /Pattern verification failed/);
+        // ... and a qemu-nbd in front of the denbd proxy sees the same.
+        const front = await Server.start({
+          dir,
+          kind: "qemu-nbd",
+          args: ["-t", "-f", "raw", "-r", `nbd+unix:///?socket=${proxy.socketPath}`],
+        });
+        try {
+          const cmp = await run([
+            "qemu-img",
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            front.uri,
+            o.uri,
+          ]);
+          assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+          assert.equal((await describe(front.uri))["map"], (await describe(o.uri))["map"]);
+        } finally {
+          await front.stop();
+        }
+      } finally {
+        await proxy.stop();
+      }
+    } finally {
+      await o.stop();
+    }
+  });
+});
+
+Deno.test("nbd driver: -f qcow2 over an NBD export of the qcow2 file, as qemu-nbd", async () => {
+  await withTempDir(async (dir) => {
+    const { qcow2 } = await makeImages(dir);
+    const o = await Server.start({
+      dir,
+      kind: "qemu-nbd",
+      image: qcow2,
+      args: ["-t", "-e", "0", "-f", "raw", "-r"],
+    });
+    try {
+      await compareServers(dir, () => ["-r", "-f", "qcow2", `nbd+unix:///?socket=${o.socketPath}`]);
+      // Probed: the qcow2 magic is found over NBD too.
+      await compareServers(dir, () => ["-r", `nbd+unix:///?socket=${o.socketPath}`]);
+    } finally {
+      await o.stop();
+    }
+  });
+});
+
+Deno.test("nbd driver: an unreachable origin, or one that goes away, fails cleanly", async () => {
+  await withTempDir(async (dir) => {
+    for (const name of [`nbd+unix:///?socket=${dir}/none.sock`, "nbd://127.0.0.1:1/x"]) {
+      const argv = (k: ServerKind) => [...serverArgv(k), "-k", `${dir}/${k}.sock`, name];
+      const [want, have] = [await run(argv("qemu-nbd")), await run(argv("denbd"))];
+      assert.equal(have.code, want.code);
+      assert.equal(have.stderr.replace(/^denbd:/, "qemu-nbd:"), want.stderr);
+    }
+    const { raw } = await makeImages(dir);
+    const o = await Server.start({ dir, kind: "qemu-nbd", image: raw, args: ["-t", "-f", "raw"] });
+    const proxy = await Server.start({
+      dir,
+      kind: "denbd",
+      args: ["-t", "-e", "0", "-f", "raw", `nbd+unix:///?socket=${o.socketPath}`],
+    });
+    try {
+      await o.stop();
+      // The proxy answers with an error instead of hanging, and keeps serving other clients.
+      const r = await run(["qemu-io", "-f", "raw", "-c", "read 0 64k", proxy.uri], {
+        timeoutMs: 15_000,
+      });
+      assert.match(r.stdout + r.stderr, /Input\/output error/);
+      assert.equal((await runOk(["nbdinfo", "--size", proxy.uri])).stdout.trim(), String(8 * MiB));
+    } finally {
+      await proxy.stop();
+      await o.stop();
+    }
+  });
+});
+
+Deno.test("http driver: raw and qcow2 images from a real nginx, as qemu-nbd", async () => {
+  await withTempDir(async (dir) => {
+    await makeImages(dir);
+    const nginx = await startNginx({ root: dir, tls: true });
+    try {
+      await compareServers(dir, () => ["-r", nginx.url("/disk.img")]);
+      await compareServers(dir, () => ["-r", "-f", "qcow2", nginx.url("/disk.qcow2")]);
+      await compareServers(dir, () => ["-r", nginx.url("/disk.qcow2")]);
+      await compareServers(dir, () => [
+        "-r",
+        "--image-opts",
+        `driver=qcow2,file.driver=https,file.url=${
+          nginx.tlsUrl("/disk.qcow2")
+        },file.sslverify=off,file.readahead=1M`,
+      ]);
+      // Without -r both refuse (curl is read-only), with the same words.
+      const argv = (
+        k: ServerKind,
+      ) => [...serverArgv(k), "-k", `${dir}/${k}-w.sock`, nginx.url("/disk.img")];
+      const [want, have] = [await run(argv("qemu-nbd")), await run(argv("denbd"))];
+      assert.equal(want.code, 1);
+      assert.equal(have.code, 1);
+      assert.equal(have.stderr.replace(/^denbd:/, "qemu-nbd:"), want.stderr);
+    } finally {
+      await nginx.stop();
+    }
+  });
+});
+
+/** Compressed clusters and the check verdict of a qcow2 file. */
+async function checkInfo(path: string): Promise<{ compressed: number; allocated: number }> {
+  const c = JSON.parse((await runOk(["qemu-img", "check", "--output=json", path])).stdout);
+  assert.equal(c["check-errors"], 0);
+  assert.equal(c["corruptions"] ?? 0, 0);
+  return { compressed: c["compressed-clusters"], allocated: c["allocated-clusters"] };
+}
+
+Deno.test("compress filter: nbdcopy into driver=compress builds the same compressed qcow2 as qemu-nbd", async () => {
+  await withTempDir(async (dir) => {
+    const { raw } = await makeImages(dir);
+    const result: Record<string, { compressed: number; allocated: number }> = {};
+    for (const kind of ["qemu-nbd", "denbd"] as const) {
+      const out = `${dir}/out-${kind}.qcow2`;
+      await runOk(["qemu-img", "create", "-q", "-f", "qcow2", out, "8M"]);
+      const s = await Server.start({
+        dir,
+        kind,
+        args: ["-t", "--image-opts", `driver=compress,file.driver=qcow2,file.file.filename=${out}`],
+      });
+      try {
+        await runOk(["nbdcopy", raw, s.uri]);
+        const info = await describe(s.uri);
+        assert.equal(info["block_size_minimum"], 65536);
+      } finally {
+        await s.stop();
+      }
+      const cmp = await run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, out]);
+      assert.equal(cmp.code, 0, cmp.stdout);
+      result[kind] = await checkInfo(out);
+    }
+    assert.deepEqual(result["denbd"], result["qemu-nbd"]);
+    assert.ok(result["denbd"]!.compressed > 0);
+    // Misuse gets qemu-nbd's words.
+    const argv = (k: ServerKind) => [
+      ...serverArgv(k),
+      "-k",
+      `${dir}/${k}-c.sock`,
+      "--image-opts",
+      `driver=compress,file.driver=raw,file.file.filename=${raw}`,
+    ];
+    const [want, have] = [await run(argv("qemu-nbd")), await run(argv("denbd"))];
+    assert.equal(have.code, want.code);
+    assert.equal(have.stderr.replace(/^denbd:/, "qemu-nbd:"), want.stderr);
+  });
+});
+
+Deno.test("copy-on-read filter: reads pull backing data into the top image as qemu-nbd does", async () => {
+  await withTempDir(async (dir) => {
+    const { qcow2 } = await makeImages(dir);
+    const maps: Record<string, string> = {};
+    for (const kind of ["qemu-nbd", "denbd"] as const) {
+      const top = `${dir}/top-${kind}.qcow2`;
+      await runOk(["qemu-img", "create", "-q", "-f", "qcow2", "-b", qcow2, "-F", "qcow2", top]);
+      const s = await Server.start({
+        dir,
+        kind,
+        args: [
+          "-t",
+          "--image-opts",
+          `driver=copy-on-read,file.driver=qcow2,file.file.filename=${top}`,
+        ],
+      });
+      try {
+        await runOk(["qemu-io", "-f", "raw", "-c", "read 0 128k", "-c", "read 6M 512k", s.uri]);
+      } finally {
+        await s.stop();
+      }
+      await runOk(["qemu-img", "check", "-q", top]);
+      const m = JSON.parse((await runOk(["qemu-img", "map", "--output=json", top])).stdout) as {
+        start: number;
+        length: number;
+        depth: number;
+        data: boolean;
+      }[];
+      maps[kind] = JSON.stringify(m.map((e) => [e.start, e.length, e.depth, e.data]));
+      const cmp = await run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", top, qcow2]);
+      assert.equal(cmp.code, 0);
+    }
+    assert.equal(maps["denbd"], maps["qemu-nbd"]);
+    assert.match(maps["denbd"]!, /\[0,131072,0,true\]/);
+  });
+});
