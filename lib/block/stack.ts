@@ -25,6 +25,7 @@ import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
 import { type EngineOptions, openTopNode } from "./open_node.ts";
+import { hasProtocol } from "../cli/filename.ts";
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
@@ -257,6 +258,23 @@ async function openBackingImage(
   engine: EngineOptions,
   warn: (msg: string) => void,
 ): Promise<BlockDevice> {
+  if (hasProtocol(path)) {
+    // A backing file named by protocol (nbd://, http://, json:{...}): the node opener's job.
+    const opened = await openTopNode(
+      format === undefined ? { filename: path } : {
+        driver: format,
+        filename: path,
+      },
+      {
+        writable: false,
+        engine,
+        warn,
+        passDiscard: false,
+        openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn),
+      },
+    );
+    return opened.device;
+  }
   const file = openFileEngine(path, { ...engine, writable: false });
   let fmt: "raw" | "qcow2";
   try {

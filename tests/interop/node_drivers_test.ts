@@ -328,3 +328,45 @@ Deno.test("copy-on-read filter: reads pull backing data into the top image as qe
     assert.match(maps["denbd"]!, /\[0,131072,0,true\]/);
   });
 });
+
+Deno.test("backing files named by protocol (nbd://, http://, json:) open as qemu-nbd opens them", async () => {
+  await withTempDir(async (dir) => {
+    const { raw, qcow2 } = await makeImages(dir);
+    const o = await Server.start({
+      dir,
+      kind: "qemu-nbd",
+      image: raw,
+      args: ["-t", "-e", "0", "-f", "raw", "-r"],
+    });
+    const nginx = await startNginx({ root: dir });
+    try {
+      const bases: [string, string][] = [
+        [`nbd+unix:///?socket=${o.socketPath}`, "raw"],
+        [nginx.url("/disk.qcow2"), "qcow2"],
+        [`json:${JSON.stringify({ driver: "qcow2", file: { filename: qcow2 } })}`, "qcow2"],
+      ];
+      for (const [i, [base, fmt]] of bases.entries()) {
+        const top = `${dir}/top${i}.qcow2`;
+        await runOk([
+          "qemu-img",
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          "-u",
+          "-b",
+          base,
+          "-F",
+          fmt,
+          top,
+          "8M",
+        ]);
+        await runOk(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 2M 64k", top]);
+        await compareServers(dir, () => ["-r", "-f", "qcow2", top]);
+      }
+    } finally {
+      await nginx.stop();
+      await o.stop();
+    }
+  });
+});

@@ -259,12 +259,6 @@ async function openBackingFile(
   options: Qcow2OpenOptions,
 ): Promise<BlockDevice> {
   const name = header.backingFile!;
-  if (hasProtocol(name)) {
-    throw new BlockError(
-      Errno.ENOTSUP,
-      `Backing file '${name}' of '${imagePath}' uses a protocol prefix, which is not supported`,
-    );
-  }
   const fmt = header.backingFormat;
   if (fmt !== undefined && fmt !== "raw" && fmt !== "qcow2") {
     throw new BlockError(
@@ -272,6 +266,8 @@ async function openBackingFile(
       `Backing file '${name}' of '${imagePath}' has format '${fmt}', which is not supported`,
     );
   }
+  // A protocol name (nbd://, http://, json:{...}) is opened as it is, like qemu does.
+  if (hasProtocol(name)) return await options.openBacking(name, fmt, below);
   const path = resolveBackingPath(imagePath, name);
   if (below.paths.includes(realPath(path))) {
     throw new BlockError(
