@@ -56,6 +56,7 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "fork",
   "pid-file",
   "verbose",
+  "trace",
   "image-opts",
   "handshake-limit",
 ]);
@@ -92,7 +93,11 @@ const SECTIONS: readonly HelpSection[] = [
         usage: "-t, --persistent",
         text: ["keep serving after the last client disconnects"],
       },
-      { id: "verbose", usage: "-v, --verbose", text: ["print extra diagnostics"] },
+      {
+        id: "verbose",
+        usage: "-v, --verbose",
+        text: ["say which I/O engine --aio fell back to (errors", "are printed without -v too)"],
+      },
       {
         id: "export-name",
         usage: "-x, --export-name=NAME",
@@ -143,7 +148,7 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "trace",
         usage: "-T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]",
-        text: ["enable trace points"],
+        text: ["enable trace points (QEMU's event names;", "'-T help' lists them)"],
       },
       {
         id: "fork",
