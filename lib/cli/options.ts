@@ -88,7 +88,7 @@ export interface ServerOptions {
   readonly tlsAuthz: string | undefined;
   readonly tlsHostname: string | undefined;
   readonly objects: readonly string[];
-  /** -T/--trace, repeatable (kept for "not supported yet"). */
+  /** -T/--trace arguments as given, repeatable (applied at server start by lib/trace). */
   readonly trace: readonly string[];
   /** --selinux-label (kept for "not supported yet"). */
   readonly selinuxLabel: string | undefined;
