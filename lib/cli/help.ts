@@ -235,10 +235,23 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "image-opts",
         usage: "    --image-opts",
-        text: ["FILE is a list of image options, e.g.", "driver=raw,file.filename=PATH,offset=1M"],
+        text: [
+          "FILE is a list of image options, e.g.",
+          "driver=raw,file.filename=PATH,offset=1M or",
+          "driver=qcow2,file.driver=nbd,file.server.path=S",
+        ],
       },
     ],
   },
+];
+
+/** What FILE may be, after the options (qemu's filename syntax). */
+const FILE_FORMS = [
+  "FILE is a path or one of qemu's filenames:",
+  '  file:PATH  json:{"driver":"qcow2","file":{...}}  null-co://  null-aio://',
+  "  nbd://HOST[:PORT]/EXPORT  nbd+unix:///EXPORT?socket=PATH",
+  "  nbd:unix:PATH[:exportname=NAME]  nbd:HOST:PORT[:exportname=NAME]",
+  "  http://URL  https://URL (read-only: use -r)",
 ];
 
 /** Column where descriptions start, as in qemu-nbd's help. */
@@ -268,6 +281,7 @@ export function helpText(): string {
     if (section.title !== undefined) lines.push(section.title);
     for (const e of entries) lines.push(...formatEntry(e));
   }
+  lines.push("", ...FILE_FORMS);
   return lines.join("\n") + "\n";
 }
 
