@@ -4,6 +4,8 @@
 # "qemu-nbd" through scripts/bin/denbd, on the tests its baseline lists as passing with qemu-nbd
 # 7.2, less the ones for features denbd does not have yet (EXPECTED_MISSING below).
 # Extra arguments go to the harness (a format or suite: raw, qcow2, nbd-raw, file-qcow2, ...).
+# One test at a time by default: the suite gives a server started with -nbd one second to listen
+# ("sleep 1" in common.rc), and denbd under `deno run` needs ~0.15 s of CPU for that.
 # Ends with the harness's "N passed, M failed, K skipped" line; exit 0 iff nothing failed.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,5 +36,5 @@ done
 grep -Ev "^(${skip_re})([[:space:]]|$)" "$shared/iotests/iotests-baseline.txt" > "$baseline"
 
 IOTESTS_WORK="$work" IOTESTS_BASELINE="${IOTESTS_BASELINE:-$baseline}" \
-  IOTESTS_TEST_TIMEOUT="${IOTESTS_TEST_TIMEOUT:-120}" \
+  IOTESTS_TEST_TIMEOUT="${IOTESTS_TEST_TIMEOUT:-120}" IOTESTS_JOBS="${IOTESTS_JOBS:-1}" \
   bash "$harness" "$work/bin/qemu-nbd" "$@"

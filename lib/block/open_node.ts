@@ -20,6 +20,7 @@ import {
   subOptions,
 } from "../cli/filename.ts";
 import { parseSize } from "../cli/numbers.ts";
+import { QEMU_DRIVERS } from "../cli/image_opts.ts";
 import { type FileEngine, openFileEngine, type OpenOptions } from "../io/file_engine.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { ProbeGuardFilter } from "./filters/probe_guard.ts";
@@ -78,42 +79,10 @@ const PROTOCOL_PREFIXES: Readonly<Record<string, string>> = {
   "nbd+unix": "nbd",
 };
 const FILTERS: ReadonlySet<string> = new Set(["compress", "copy-on-read"]);
-/** qemu 7.2 drivers (Debian build) denbd does not open: "not supported", not "Unknown". */
-const QEMU_ONLY: ReadonlySet<string> = new Set([
-  "blkdebug",
-  "blklogwrites",
-  "blkverify",
-  "bochs",
-  "cloop",
-  "copy-before-write",
-  "dmg",
-  "ftp",
-  "ftps",
-  "gluster",
-  "host_cdrom",
-  "host_device",
-  "iscsi",
-  "iser",
-  "luks",
-  "nfs",
-  "nvme",
-  "parallels",
-  "preallocate",
-  "qcow",
-  "qed",
-  "quorum",
-  "rbd",
-  "replication",
-  "snapshot-access",
-  "ssh",
-  "throttle",
-  "vdi",
-  "vhdx",
-  "vmdk",
-  "vpc",
-  "vvfat",
-]);
-
+/** qemu 7.2's drivers (Debian build) this opener does not handle: "not supported", not "Unknown". */
+const QEMU_ONLY: ReadonlySet<string> = new Set(
+  [...QEMU_DRIVERS].filter((d) => !PROTOCOLS.has(d) && !FILTERS.has(d)),
+);
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
 function unknownDriver(name: string): BlockError {

@@ -75,7 +75,7 @@ const SUPPORTED_FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2"]);
  * Block drivers qemu-nbd 7.2 knows (Debian build, `qemu-img --help`) that denbd does not open:
  * naming one gets "not supported", anything else qemu's "Unknown driver".
  */
-const QEMU_DRIVERS: ReadonlySet<string> = new Set([
+export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
   "blkdebug",
   "blklogwrites",
   "blkverify",
@@ -97,6 +97,7 @@ const QEMU_DRIVERS: ReadonlySet<string> = new Set([
   "iser",
   "luks",
   "nbd",
+  "nfs",
   "null-aio",
   "null-co",
   "nvme",

@@ -17,46 +17,7 @@ import {
   type ServerKind,
   withTempDir,
 } from "./_harness.ts";
-
-/** What a client sees of an export, minus what names the socket. */
-async function describe(uri: string): Promise<Record<string, unknown>> {
-  const info = JSON.parse((await runOk(["nbdinfo", "--json", uri])).stdout);
-  const exp = info.exports[0];
-  delete exp["uri"];
-  delete exp["export-name"];
-  const map = (await runOk(["nbdinfo", "--map", uri])).stdout;
-  return { ...exp, protocol: info.protocol, map };
-}
-
-/** Starts both servers on `spec(kind)` and asserts they look the same; returns the views. */
-async function compareServers(
-  dir: string,
-  args: (kind: ServerKind) => string[],
-): Promise<Record<string, unknown>> {
-  const servers: Server[] = [];
-  try {
-    for (const kind of ["qemu-nbd", "denbd"] as const) {
-      servers.push(await Server.start({ dir, kind, args: ["-t", ...args(kind)] }));
-    }
-    const [ref, got] = servers as [Server, Server];
-    const [want, have] = [await describe(ref.uri), await describe(got.uri)];
-    assert.deepEqual(have, want);
-    const cmp = await run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ref.uri, got.uri]);
-    assert.equal(cmp.code, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
-    // Both print the same warnings (probed raw), names included.
-    // (The harness's readiness probe hangs up before negotiating; which servers report that
-    // is the trace tests' business.)
-    const warn = (s: Server) =>
-      s.stderr.replaceAll("denbd", "qemu-nbd").replace(
-        /^qemu-nbd: option negotiation failed: .*\n/gm,
-        "",
-      );
-    assert.equal(warn(got), warn(ref));
-    return have;
-  } finally {
-    for (const s of servers) await s.stop();
-  }
-}
+import { compareServers } from "./_differential.ts";
 
 async function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
   const raw = `${dir}/disk.img`;

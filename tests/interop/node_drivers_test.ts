@@ -18,40 +18,7 @@ import {
   withTempDir,
 } from "./_harness.ts";
 import { startNginx } from "./_nginx.ts";
-
-async function describe(uri: string): Promise<Record<string, unknown>> {
-  const info = JSON.parse((await runOk(["nbdinfo", "--json", uri])).stdout);
-  const exp = info.exports[0];
-  delete exp["uri"];
-  delete exp["export-name"];
-  const map = (await runOk(["nbdinfo", "--map", uri])).stdout;
-  return { ...exp, protocol: info.protocol, map };
-}
-
-/** The probe's hang-up message aside, what a server printed, with its name normalised. */
-function messages(s: Server): string {
-  return s.stderr.replaceAll("denbd", "qemu-nbd").replace(
-    /^qemu-nbd: option negotiation failed: .*\n/gm,
-    "",
-  );
-}
-
-/** Both servers with `args(kind)`: same view, same data, same messages. */
-async function compareServers(dir: string, args: (kind: ServerKind) => string[]): Promise<void> {
-  const servers: Server[] = [];
-  try {
-    for (const kind of ["qemu-nbd", "denbd"] as const) {
-      servers.push(await Server.start({ dir, kind, args: ["-t", ...args(kind)] }));
-    }
-    const [ref, got] = servers as [Server, Server];
-    assert.deepEqual(await describe(got.uri), await describe(ref.uri));
-    const cmp = await run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ref.uri, got.uri]);
-    assert.equal(cmp.code, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
-    assert.equal(messages(got), messages(ref));
-  } finally {
-    for (const s of servers) await s.stop();
-  }
-}
+import { compareServers, describeExport } from "./_differential.ts";
 
 async function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
   const raw = `${dir}/disk.img`;
@@ -154,7 +121,10 @@ Deno.test("nbd driver: writes, zeroes and trims through a proxy reach the origin
             o.uri,
           ]);
           assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
-          assert.equal((await describe(front.uri))["map"], (await describe(o.uri))["map"]);
+          assert.equal(
+            (await describeExport(front.uri))["map"],
+            (await describeExport(o.uri))["map"],
+          );
         } finally {
           await front.stop();
         }
@@ -267,7 +237,7 @@ Deno.test("compress filter: nbdcopy into driver=compress builds the same compres
       });
       try {
         await runOk(["nbdcopy", raw, s.uri]);
-        const info = await describe(s.uri);
+        const info = await describeExport(s.uri);
         assert.equal(info["block_size_minimum"], 65536);
       } finally {
         await s.stop();
