@@ -25,6 +25,7 @@ import {
   renderJson,
   renderMarkdown,
 } from "./bench_lib/report.ts";
+import { type Origin, startOrigin } from "./bench_lib/origins.ts";
 import { ROW_DEFS } from "./bench_lib/rows.ts";
 import { SERVER_DEFS, ServerHandle } from "./bench_lib/servers.ts";
 import { FORMAT_INFO } from "./bench_lib/types.ts";
@@ -122,13 +123,20 @@ function parseOptions(args: string[]): Options | undefined {
   };
 }
 
-/** Servers currently running, so that Ctrl-C can stop them. */
+/** Servers and origins currently running, so that Ctrl-C can stop them. */
 const running = new Set<ServerHandle>();
+const runningOrigins = new Set<Origin>();
 
 async function onSignal(): Promise<void> {
   console.error("\nInterrupted: stopping servers and clients");
   // Servers get a polite SIGTERM first; whatever is left (clients included) gets SIGKILL.
-  await settlesWithin(Promise.all([...running].map((h) => h.stop())), 3000);
+  await settlesWithin(
+    Promise.all([
+      ...[...running].map((h) => h.stop()),
+      ...[...runningOrigins].map((x) => x.stop()),
+    ]),
+    3000,
+  );
   killAllChildren();
   Deno.exit(130);
 }
@@ -151,7 +159,12 @@ async function measure(
   };
 }
 
-type Results = { cells: Record<string, Record<string, Cell>>; instances: InstanceResult[] };
+type Results = {
+  cells: Record<string, Record<string, Cell>>;
+  instances: InstanceResult[];
+  /** How each remote format's origin ran, for the notes. */
+  origins: string[];
+};
 type Files = { master: string; source: string };
 
 /** Measures `row` once on `h` into `cells[h.def.id]`; a failure closes the cell, never the run. */
@@ -192,15 +205,19 @@ async function measureInto(
   }
 }
 
-/** Prepares a private image of `format` for `def` and starts `def` on it. */
+/**
+ * Prepares a private image of `format` for `def` and starts `def` on it; with `origin` (remote
+ * formats) `def` re-exports that URI or URL instead.
+ */
 async function startInstance(
   o: Options,
   def: ServerDef,
   format: ImageFormat,
   files: Files,
+  origin?: Origin,
 ): Promise<ServerHandle> {
-  const image = `${o.dir}/${def.id}.${format}`;
-  if (!def.unavailable?.()) {
+  const image = origin?.url ?? `${o.dir}/${def.id}.${format}`;
+  if (!origin && !def.unavailable?.()) {
     await prepareImage(files.master, image, format);
     if (!FORMAT_INFO[format].freshPerRun) await warmPageCache(image);
   }
@@ -218,7 +235,9 @@ async function startInstance(
 async function stopInstance(h: ServerHandle, results: Results): Promise<void> {
   await h.stop();
   running.delete(h);
-  await Deno.remove(h.target.image).catch(() => {}); // Private copy; the master is kept.
+  if (!FORMAT_INFO[h.target.format].remote) {
+    await Deno.remove(h.target.image).catch(() => {}); // Private copy; the master is kept.
+  }
   const format = h.target.format;
   const i = results.instances.findIndex((x) => x.serverId === h.def.id && x.format === format);
   const prev = i >= 0 ? results.instances[i] : undefined;
@@ -272,10 +291,32 @@ async function runFormat(
     return;
   }
   const handles: ServerHandle[] = [];
+  let origin: Origin | undefined;
   try {
+    if (FORMAT_INFO[format].remote) {
+      console.log(`Starting the ${format} origin`);
+      try {
+        origin = await startOrigin(format, {
+          dir: o.dir,
+          master: files.master,
+          timeoutMs: o.startTimeoutMs,
+        });
+      } catch (e) {
+        const error = `origin did not start: ${(e as Error).message}`;
+        console.log(`  ${error}`);
+        for (const row of rows) {
+          for (const def of servers) {
+            results.cells[row.id]![def.id] = { status: "failed", error, samples: [] };
+          }
+        }
+        return;
+      }
+      runningOrigins.add(origin);
+      results.origins.push(`${FORMAT_INFO[format].label}: ${origin.description}`);
+    }
     for (const def of servers) {
       console.log(`Starting ${def.label} on ${format}`);
-      handles.push(await startInstance(o, def, format, files));
+      handles.push(await startInstance(o, def, format, files, origin));
     }
     for (const row of rows) {
       console.log(`Row ${row.id}`);
@@ -287,6 +328,10 @@ async function runFormat(
     }
   } finally {
     for (const h of handles) await stopInstance(h, results);
+    if (origin) {
+      await origin.stop();
+      runningOrigins.delete(origin);
+    }
   }
 }
 
@@ -316,7 +361,7 @@ async function main(args: string[]): Promise<number> {
   await ensureDenseFile(files.source, o.imageBytes, 0x85ebca6b);
   await warmPageCache(files.source);
 
-  const results: Results = { cells: {}, instances: [] };
+  const results: Results = { cells: {}, instances: [], origins: [] };
   for (const row of o.rows) {
     results.cells[row.id] = Object.fromEntries(
       o.servers.map((s) => [s.id, { status: "unsupported" } as Cell]),
@@ -356,6 +401,13 @@ async function main(args: string[]): Promise<number> {
       "Peak RSS per row: the server's VmHWM is reset (`clear_refs` 5) before each run and read " +
       "after it; the largest run is shown.",
       "Clients share the host's CPUs with the server, so figures are relative, not absolute.",
+      ...(results.origins.length === 0 ? [] : [
+        "Remote rows (via NBD / via HTTP): one origin per format serves every server, which " +
+        "re-exports it with `-r` (denbd and qemu-nbd: the URI or URL as FILE; nbdkit: " +
+        "`nbdkit -r nbd socket=ORIGIN` or `nbdkit -r curl URL`); CPU and RSS are the proxy's " +
+        "alone. nbdkit 1.32 has no qcow2 reader, so its qcow2-via-HTTP cell is n/a (—).",
+        ...results.origins.map((d) => `Origin, ${d}.`),
+      ]),
     ],
     servers: o.servers,
     rows: o.rows,

@@ -16,6 +16,10 @@ const PREPARE_SECONDS_PER_GIB: Readonly<Record<ImageFormat, number>> = {
   qcow2: 3,
   "qcow2-compressed": 25,
   "qcow2-empty": 0,
+  // Remote formats: one origin for all servers (qemu-nbd, or nginx on a link / a qcow2 copy).
+  "nbd-raw": 0.5,
+  "http-raw": 0.5,
+  "http-qcow2": 1,
 };
 /** Seconds to start a server and wait for its socket, and to stop it. */
 const SERVER_CYCLE_SECONDS = 2;

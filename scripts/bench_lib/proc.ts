@@ -57,15 +57,42 @@ export class ClientError extends Error {
   }
 }
 
-/** Runs a client to completion; throws a ClientError with its exit code and stderr tail on failure. */
-export async function runClient(argv: readonly string[]): Promise<RunResult> {
+/**
+ * Runs a client to completion; throws a ClientError with its exit code and stderr tail on failure.
+ * With `timeoutMs` a client still running then is killed (SIGKILL) and the run fails: a stalled
+ * server (qemu-nbd 7.2's curl driver sometimes stops for good) must not hang the benchmark.
+ */
+export async function runClient(
+  argv: readonly string[],
+  opts: { timeoutMs?: number } = {},
+): Promise<RunResult> {
   const start = performance.now();
   const child = spawnTracked(argv, { stdout: "piped", stderr: "piped" });
-  const out = await child.output();
+  let timedOut = false;
+  const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => {
+    timedOut = true;
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // Exited meanwhile.
+    }
+  }, opts.timeoutMs);
+  let out: Deno.CommandOutput;
+  try {
+    out = await child.output();
+  } finally {
+    clearTimeout(timer);
+  }
   const seconds = (performance.now() - start) / 1000;
   const dec = new TextDecoder();
   const stdout = dec.decode(out.stdout);
   const stderr = dec.decode(out.stderr);
+  if (timedOut) {
+    throw new ClientError(
+      `${argv[0]} timed out: killed after ${(opts.timeoutMs! / 1000).toFixed(0)} s`,
+      { stdout, stderr },
+    );
+  }
   if (!out.success) {
     const why = out.signal ? `signal ${out.signal}` : `exit code ${out.code}`;
     throw new ClientError(`${argv[0]} failed (${why}): ${tail(stderr || stdout, 300)}`, {

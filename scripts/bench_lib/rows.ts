@@ -5,7 +5,8 @@
  * or any of them with `format: "qcow2"`.
  *
  * Row ids are systematic: `seq-<read|write>-nbdcopy-c<connections>-<format>` and
- * `fio-<rw>-<bs>k-qd<iodepth>-j<jobs>-<format>`.
+ * `fio-<rw>-<bs>k-qd<iodepth>-j<jobs>-<format>`; remote formats (`nbd-raw`, `http-raw`,
+ * `http-qcow2`) re-export an origin (see origins.ts).
  *
  * @module
  */
@@ -18,6 +19,10 @@ const MiB = 1 << 20;
 
 /** Throughput assumed by the start-up estimate for a whole-image copy, MiB/s. */
 const ESTIMATED_COPY_MIB_S = 400;
+/** A whole-image copy slower than this (MiB/s) is counted as stalled and killed. */
+const STALLED_COPY_MIB_S = 10;
+/** Seconds past its runtime after which a fio run is counted as stalled and killed. */
+const FIO_GRACE_SECONDS = 60;
 
 /** Options of a whole-image nbdcopy row. */
 export interface NbdcopyRowOptions {
@@ -58,9 +63,11 @@ export function nbdcopyRow(o: NbdcopyRowOptions): RowDef {
         : ["nbdcopy", ...conns, "--sparse=0", ctx.sourceFile, ctx.uri];
       let seconds: number;
       try {
-        ({ seconds } = await runClient(argv));
+        const limitS = 30 + ctx.imageBytes / MiB / STALLED_COPY_MIB_S;
+        ({ seconds } = await runClient(argv, { timeoutMs: limitS * 1000 }));
       } catch (e) {
         if (e instanceof ClientError) {
+          if (/ timed out: /.test(e.message)) throw new Error(e.message);
           throw new Error(lastToolLine("nbdcopy", e.stderr) ?? e.message);
         }
         throw e;
@@ -117,9 +124,13 @@ export function fioRow(o: FioRowOptions): RowDef {
       let stdout: string;
       let seconds: number;
       try {
-        ({ stdout, seconds } = await runClient(argv));
+        const limitS = ctx.runtimeSeconds + FIO_GRACE_SECONDS;
+        ({ stdout, seconds } = await runClient(argv, { timeoutMs: limitS * 1000 }));
       } catch (e) {
-        if (e instanceof ClientError) throw new Error(summarizeFioFailure(e.stderr) ?? e.message);
+        if (e instanceof ClientError) {
+          if (/ timed out: /.test(e.message)) throw new Error(e.message);
+          throw new Error(summarizeFioFailure(e.stderr) ?? e.message);
+        }
         throw e;
       }
       const totals = parseFioJson(stdout);
@@ -200,4 +211,10 @@ export const ROW_DEFS: readonly RowDef[] = [
   // zlib-compressed qcow2: reads only (qemu never writes compressed clusters in place).
   nbdcopyRow({ direction: "read", connections: 4, format: "qcow2-compressed" }),
   fioRow({ rw: "randread", format: "qcow2-compressed" }),
+  // Proxies: each server re-exports one qemu-nbd origin (its NBD client is measured) ...
+  ...[1, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, format: "nbd-raw" })),
+  fioRow({ rw: "randread", format: "nbd-raw" }),
+  // ... or reads an image from nginx (its HTTP client; nbdkit cannot read qcow2).
+  nbdcopyRow({ direction: "read", connections: 1, format: "http-raw" }),
+  nbdcopyRow({ direction: "read", connections: 1, format: "http-qcow2" }),
 ];

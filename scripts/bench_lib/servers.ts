@@ -17,8 +17,8 @@ import {
   spawnTracked,
   tail,
 } from "./proc.ts";
-import type { ServerDef, ServeTarget } from "./types.ts";
-import { driverOf } from "./types.ts";
+import type { ImageFormat, ServerDef, ServeTarget } from "./types.ts";
+import { driverOf, FORMAT_INFO } from "./types.ts";
 
 /** denbd's entry point, found relative to this file so the script runs from any directory. */
 const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
@@ -33,18 +33,30 @@ const DENO_PERMISSIONS = [
   "--allow-run",
 ];
 
-/** denbd with extra options (the plain "denbd" runs its defaults). */
+/** Image formats read from a local file. */
+const FILE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"];
+/** Remote formats (an origin re-exported read-only). */
+const REMOTE_FORMATS: readonly ImageFormat[] = ["nbd-raw", "http-raw", "http-qcow2"];
+
+/** `-r` for a remote format: the proxies only read, and the origin is read-only anyway. */
+function readOnlyFor(t: ServeTarget): string[] {
+  return FORMAT_INFO[t.format].remote ? ["-r"] : [];
+}
+
+/** denbd with extra options (the plain "denbd" runs its defaults, on remote formats too). */
 function denbdDef(id: string, label: string, options: readonly string[]): ServerDef {
   return {
     id,
     label,
-    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
+    formats: options.length > 0 ? FILE_FORMATS : [...FILE_FORMATS, ...REMOTE_FORMATS],
     argv: (t) => [
       Deno.execPath(),
       "run",
       ...DENO_PERMISSIONS,
       DENBD_MAIN,
-      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...options, t.image],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...options,
+      t.image,
     ],
     unavailable: () => {
       try {
@@ -58,6 +70,29 @@ function denbdDef(id: string, label: string, options: readonly string[]): Server
   };
 }
 
+/** nbdkit's plugin and its arguments for a target: file, nbd (socket=) or curl (URL). */
+function nbdkitPlugin(t: ServeTarget): string[] {
+  switch (FORMAT_INFO[t.format].remote) {
+    case "nbd":
+      return ["-r", "nbd", `socket=${new URL(t.image).searchParams.get("socket")}`];
+    case "http":
+      return ["-r", "curl", t.image];
+    default:
+      return ["file", t.image];
+  }
+}
+
+/**
+ * The origin of the `nbd-raw` format, started once for all servers: qemu-nbd exporting the raw
+ * master read-only (`image` is the master file here, `socket` the origin's socket).
+ */
+export const NBD_ORIGIN_DEF: ServerDef = {
+  id: "origin-qemu-nbd",
+  label: "origin (qemu-nbd)",
+  formats: ["raw"],
+  argv: (t) => ["qemu-nbd", "-t", "-e", "0", "-r", "-f", "raw", "-k", t.socket, t.image],
+};
+
 /**
  * Every server the benchmark knows. The first three are the required columns; the denbd
  * variants (engines and cache modes) run only when named in `--servers`.
@@ -67,25 +102,27 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
-    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
-    // qemu-nbd's own defaults, spelled out.
+    formats: [...FILE_FORMATS, ...REMOTE_FORMATS],
+    // qemu-nbd's own defaults, spelled out (the file options mean nothing to nbd/curl nodes).
     argv: (t) => [
       "qemu-nbd",
-      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],
-      ...["--cache=writeback", "--aio=threads", t.image],
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...(FORMAT_INFO[t.format].remote ? [] : ["--cache=writeback", "--aio=threads"]),
+      t.image,
     ],
   },
   {
     id: "nbdkit",
     label: "nbdkit",
-    formats: ["raw"],
+    // No qcow2 reader in nbdkit 1.32, so http-qcow2 is not run ("—").
+    formats: ["raw", "nbd-raw", "http-raw"],
     // -f: stay in the foreground so the PID we hold is the server; default 16 threads.
-    argv: (t) => ["nbdkit", "-f", "--exit-with-parent", "-U", t.socket, "file", t.image],
+    argv: (t) => ["nbdkit", "-f", "--exit-with-parent", "-U", t.socket, ...nbdkitPlugin(t)],
   },
   {
     id: "qemu-nbd-io_uring",
     label: "qemu-nbd (aio=io_uring)",
-    formats: ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"],
+    formats: FILE_FORMATS,
     argv: (t) => [
       "qemu-nbd",
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],

@@ -13,29 +13,58 @@
  * - `qcow2-compressed`: a compressible variant of the master, every cluster zlib-compressed;
  * - `qcow2-empty`: a fresh `qemu-img create -f qcow2` image with no cluster allocated. Writes
  *   change what such an image measures, so every measurement gets a new one (and a new server).
+ *
+ * Remote formats are served by an origin the benchmark starts once for all servers, which then
+ * re-export it read-only (their NBD or HTTP client is what is measured):
+ * - `nbd-raw`: the raw master exported by `qemu-nbd -t -e 0 -r -f raw` on a unix socket;
+ * - `http-raw` / `http-qcow2`: the raw master / its qcow2 conversion served by nginx on loopback.
  */
-export type ImageFormat = "raw" | "qcow2" | "qcow2-compressed" | "qcow2-empty";
+export type ImageFormat =
+  | "raw"
+  | "qcow2"
+  | "qcow2-compressed"
+  | "qcow2-empty"
+  | "nbd-raw"
+  | "http-raw"
+  | "http-qcow2";
 
-/** How each image format is named in tables, and whether it must be fresh for every run. */
-export const FORMAT_INFO: Readonly<
-  Record<ImageFormat, { readonly label: string; readonly freshPerRun: boolean }>
-> = {
+/** Where a remote format's origin is: an NBD server or an HTTP server. */
+export type RemoteKind = "nbd" | "http";
+
+/** What the tables and the runner need to know about an image format. */
+export interface FormatInfo {
+  /** How the format is named in row titles. */
+  readonly label: string;
+  /** Every measurement needs a fresh image (and server). */
+  readonly freshPerRun: boolean;
+  /** Set for formats read through an origin server instead of a private file. */
+  readonly remote?: RemoteKind;
+}
+
+/** How each image format is named in tables, and how it is prepared. */
+export const FORMAT_INFO: Readonly<Record<ImageFormat, FormatInfo>> = {
   raw: { label: "raw", freshPerRun: false },
   qcow2: { label: "qcow2 (allocated)", freshPerRun: false },
   "qcow2-compressed": { label: "qcow2 (compressed)", freshPerRun: false },
   "qcow2-empty": { label: "qcow2 (empty)", freshPerRun: true },
+  "nbd-raw": { label: "raw via NBD (qemu-nbd origin)", freshPerRun: false, remote: "nbd" },
+  "http-raw": { label: "raw via HTTP (nginx)", freshPerRun: false, remote: "http" },
+  "http-qcow2": { label: "qcow2 via HTTP (nginx)", freshPerRun: false, remote: "http" },
 };
 
 /** The `-f` driver name that serves an image format. */
 export function driverOf(format: ImageFormat): "raw" | "qcow2" {
-  return format === "raw" ? "raw" : "qcow2";
+  return format === "raw" || format === "nbd-raw" || format === "http-raw" ? "raw" : "qcow2";
 }
 
 /** Where a server instance runs and what it serves. */
 export interface ServeTarget {
   /** Unix socket path the server must listen on (it must not exist yet). */
   readonly socket: string;
-  /** Image file, private to this server instance. */
+  /**
+   * Image file, private to this server instance; for a remote format, the origin's URI or URL
+   * (`nbd+unix:///?socket=PATH`, `http://127.0.0.1:PORT/disk.img`), shared by all servers.
+   */
   readonly image: string;
   /** Format of `image`. */
   readonly format: ImageFormat;

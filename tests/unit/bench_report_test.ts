@@ -25,7 +25,8 @@ import {
   ROW_DEFS,
   summarizeFioFailure,
 } from "../../scripts/bench_lib/rows.ts";
-import type { ServerDef } from "../../scripts/bench_lib/types.ts";
+import { SERVER_DEFS } from "../../scripts/bench_lib/servers.ts";
+import type { ServerDef, ServeTarget } from "../../scripts/bench_lib/types.ts";
 
 // --- A small strict XML reader, enough to prove the SVG is well-formed -------------------------
 
@@ -283,7 +284,7 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
   for (const id of ids) {
     assert.match(
       id,
-      /^(seq-(read|write)-nbdcopy-c[124]|fio-rand(read|write)-4k-qd(1|32)-j[14])-(raw|qcow2|qcow2-empty|qcow2-compressed)$/,
+      /^(seq-(read|write)-nbdcopy-c[124]|fio-rand(read|write)-4k-qd(1|32)-j[14])-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2)$/,
     );
   }
   for (const format of ["raw", "qcow2"]) {
@@ -298,9 +299,46 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
   }
   assert.ok(ids.includes("seq-write-nbdcopy-c4-qcow2-empty"));
   assert.ok(ids.includes("fio-randwrite-4k-qd32-j1-qcow2-empty"));
+  // Proxy rows: NBD re-export (sequential and random) and HTTP (raw and qcow2), reads only.
+  for (
+    const id of [
+      "seq-read-nbdcopy-c1-nbd-raw",
+      "fio-randread-4k-qd32-j1-nbd-raw",
+      "seq-read-nbdcopy-c1-http-raw",
+      "seq-read-nbdcopy-c1-http-qcow2",
+    ]
+  ) assert.ok(ids.includes(id), id);
+  for (const r of ROW_DEFS.filter((r) => /nbd-raw|http/.test(r.format))) {
+    assert.doesNotMatch(r.id, /write/, `${r.id}: origins are read-only`);
+  }
   const quick = selectRows(ROW_DEFS, { quick: true });
   assert.ok(quick.length >= 4 && quick.length <= 10, `${quick.length} quick rows`);
   assert.ok(quick.some((r) => r.format === "qcow2-empty"));
+});
+
+Deno.test("SERVER_DEFS: proxies open the origin read-only; nbdkit has no qcow2 via HTTP", () => {
+  const def = (id: string) => SERVER_DEFS.find((s) => s.id === id)!;
+  const nbd = { socket: "/t/s.sock", image: "nbd+unix:///?socket=/t/o.sock", format: "nbd-raw" };
+  const http = { socket: "/t/s.sock", image: "http://127.0.0.1:8/disk.qcow2" };
+  const q = def("qemu-nbd").argv(nbd as ServeTarget);
+  const tail = (id: string, t: ServeTarget) => def(id).argv(t).slice(-9);
+  const expected = ["-f", "raw", "-k", "/t/s.sock", "-t", "-e", "0", "-r", nbd.image];
+  assert.deepEqual(q, ["qemu-nbd", ...expected]);
+  assert.deepEqual(tail("denbd", nbd as ServeTarget), expected);
+  assert.deepEqual(tail("nbdkit", nbd as ServeTarget).slice(-3), ["-r", "nbd", "socket=/t/o.sock"]);
+  const qcow2: ServeTarget = { ...http, format: "http-qcow2" };
+  for (const id of ["denbd", "qemu-nbd"]) {
+    assert.deepEqual(tail(id, qcow2), ["-f", "qcow2", ...expected.slice(2, -1), http.image]);
+  }
+  assert.deepEqual(tail("nbdkit", { ...http, format: "http-raw" }).slice(-3), [
+    "-r",
+    "curl",
+    http.image,
+  ]);
+  assert.ok(!def("nbdkit").formats.includes("http-qcow2"));
+  // File formats keep their argv: no -r, qemu-nbd's cache and aio spelled out.
+  const file = def("qemu-nbd").argv({ socket: "/s", image: "/i", format: "raw" });
+  assert.ok(!file.includes("-r") && file.includes("--aio=threads"), file.join(" "));
 });
 
 Deno.test("selectRows: --rows wins over --quick, in the given order; unknown ids throw", () => {
