@@ -51,6 +51,7 @@ const GiB = 1 << 30;
 export const RATIO_PAIRS: ReadonlyArray<readonly [string, string]> = [
   ["denbd", "qemu-nbd"],
   ["denbd", "nbdkit"],
+  ["denbd", "denbd-baseline"],
 ];
 
 /** Median of a non-empty list. */

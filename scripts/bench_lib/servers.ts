@@ -43,8 +43,17 @@ function readOnlyFor(t: ServeTarget): string[] {
   return FORMAT_INFO[t.format].remote ? ["-r"] : [];
 }
 
-/** denbd with extra options (the plain "denbd" runs its defaults, on remote formats too). */
-function denbdDef(id: string, label: string, options: readonly string[]): ServerDef {
+/**
+ * denbd with extra options (the plain "denbd" runs its defaults, on remote formats too); `main`
+ * is another checkout's entry file for A/B runs.
+ */
+function denbdDef(
+  id: string,
+  label: string,
+  options: readonly string[],
+  main: () => string | undefined = () => DENBD_MAIN,
+): ServerDef {
+  const baseline = id === "denbd-baseline";
   return {
     id,
     label,
@@ -53,22 +62,27 @@ function denbdDef(id: string, label: string, options: readonly string[]): Server
       Deno.execPath(),
       "run",
       ...DENO_PERMISSIONS,
-      DENBD_MAIN,
+      main() ?? DENBD_MAIN,
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
       ...options,
       t.image,
     ],
     unavailable: () => {
+      const file = main();
+      if (file === undefined) return `set ${BASELINE_ENV} to another checkout's main.ts`;
       try {
-        Deno.statSync(DENBD_MAIN);
+        Deno.statSync(file);
         return undefined;
       } catch {
-        return `${DENBD_MAIN} not found`;
+        return `${file} not found`;
       }
     },
-    extra: options.length > 0,
+    extra: options.length > 0 || baseline,
   };
 }
+
+/** Environment variable naming the entry file of the `denbd-baseline` server. */
+const BASELINE_ENV = "DENBD_BENCH_BASELINE";
 
 /** nbdkit's plugin and its arguments for a target: file, nbd (socket=) or curl (URL). */
 function nbdkitPlugin(t: ServeTarget): string[] {
@@ -142,6 +156,8 @@ export const SERVER_DEFS: readonly ServerDef[] = [
     "--aio=threads",
   ]),
   denbdDef("denbd-unsafe", "denbd (cache=unsafe)", ["--cache=unsafe"]),
+  // A/B: another checkout (e.g. `git archive HEAD~1 | tar -x -C /tmp/base`), all formats.
+  denbdDef("denbd-baseline", "denbd (baseline)", [], () => Deno.env.get(BASELINE_ENV)),
 ];
 
 /** A running server, or the reason it is not running. */
