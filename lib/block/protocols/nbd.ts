@@ -29,6 +29,7 @@ import {
   NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
   NBD_FLAG_READ_ONLY,
   NBD_FLAG_SEND_CACHE,
   NBD_FLAG_SEND_FAST_ZERO,
@@ -366,6 +367,13 @@ class NbdDevice implements BlockDevice {
   #reconnecting: Promise<boolean> | undefined;
   #closed = false;
   #zeroes: Uint8Array | undefined;
+  /** The cached data region `[#dataStart, #dataEnd)` of base:allocation; empty when equal. */
+  #dataStart = 0;
+  #dataEnd = 0;
+  /** Bumped whenever the cache is dropped: answers to queries sent before are not cached. */
+  #dataGen = 0;
+  /** TRIM / WRITE_ZEROES requests in progress (nothing is cached meanwhile). */
+  #unmaps = 0;
 
   constructor(client: NbdClient, opts: NbdOptions, writable: boolean, attemptMs: number) {
     this.#client = client;
@@ -440,12 +448,18 @@ class NbdDevice implements BlockDevice {
     this.#checkWritable();
     if (!(this.#info.flags & NBD_FLAG_SEND_TRIM)) return;
     const fua = fuaBit(flags, this.#info);
-    await this.#ranges(offset, length, (o, n) => this.#client.trim(o, n, fua));
+    await this.#unmapping(() =>
+      this.#ranges(offset, length, (o, n) => this.#client.trim(o, n, fua))
+    );
     if (flags.fua && !fua) await this.flush();
   }
 
   async zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     this.#checkWritable();
+    await this.#unmapping(() => this.#zero(offset, length, flags));
+  }
+
+  async #zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     const f = this.#info.flags;
     if (!(f & NBD_FLAG_SEND_WRITE_ZEROES)) {
       if (flags.fastZero) throw new BlockError(Errno.ENOTSUP, "Fast zeroing is not supported");
@@ -484,7 +498,39 @@ class NbdDevice implements BlockDevice {
     }
     const end = offset + length;
     const pairs: number[] = [];
-    for (let pos = offset, i = 0; pos < end && !out.full && i < 1_000_000; i++) {
+    let pos = offset;
+    if (this.#opts.dirtyBitmap === undefined) {
+      // base:allocation: answer from the cached data region, else look ahead for a longer one.
+      // The sparse read path asks before every READ, so this halves the origin round trips.
+      if (pos >= this.#dataStart && pos < this.#dataEnd) {
+        const n = Math.min(end, this.#dataEnd) - pos;
+        out.add(n, 0);
+        pos += n;
+      }
+      if (pos < end && !out.full) {
+        const ahead = Math.min(this.size - pos, this.#maxLen);
+        if (ahead > end - pos) {
+          const gen = this.#dataGen;
+          await this.#retry(() =>
+            this.#client.blockStatus(pos, ahead, pairs, NBD_CMD_FLAG_REQ_ONE)
+          );
+          if (pairs.length === 0) {
+            throw new BlockError(
+              Errno.EIO,
+              "NBD protocol error: block status reply without extents",
+            );
+          }
+          const n = pairs[0]!;
+          const flags = pairs[1]!;
+          if (flags === 0 && gen === this.#dataGen && this.#unmaps === 0) {
+            this.#cacheData(pos, pos + n);
+          }
+          out.add(Math.min(n, end - pos), flags);
+          pos += Math.min(n, end - pos);
+        }
+      }
+    }
+    for (let i = 0; pos < end && !out.full && i < 1_000_000; i++) {
       pairs.length = 0;
       const n = Math.min(end - pos, this.#maxLen);
       await this.#retry(() => this.#client.blockStatus(pos, n, pairs));
@@ -495,6 +541,42 @@ class NbdDevice implements BlockDevice {
         out.add(pairs[k]!, pairs[k + 1]!);
         pos += pairs[k]!;
       }
+    }
+  }
+
+  /**
+   * Remember `[start, end)` as data (qemu's block-status cache for protocol nodes: only data
+   * regions, one region, merged with the cached one when they touch). Stale entries are
+   * harmless: a region written with zeroes by another client still reads correctly as data.
+   */
+  #cacheData(start: number, end: number): void {
+    if (start <= this.#dataEnd && end >= this.#dataStart) {
+      this.#dataStart = Math.min(start, this.#dataStart);
+      this.#dataEnd = Math.max(end, this.#dataEnd);
+    } else {
+      this.#dataStart = start;
+      this.#dataEnd = end;
+    }
+  }
+
+  /** Forget the cached data region (after a reconnect; see {@link #unmapping}). */
+  #dropDataCache(): void {
+    this.#dataStart = this.#dataEnd = 0;
+    this.#dataGen++;
+  }
+
+  /**
+   * Runs a TRIM or WRITE_ZEROES: the cache is dropped before and after, and no block status
+   * answer that arrives meanwhile (it may predate the change) is cached.
+   */
+  async #unmapping(op: () => Promise<void>): Promise<void> {
+    this.#dropDataCache();
+    this.#unmaps++;
+    try {
+      await op();
+    } finally {
+      this.#unmaps--;
+      this.#dropDataCache();
     }
   }
 
@@ -570,6 +652,7 @@ class NbdDevice implements BlockDevice {
         return false;
       }
       this.#client = c;
+      this.#dropDataCache();
       return true;
     } catch {
       return false;
