@@ -23,6 +23,7 @@ import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, Errno } from "./types.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
+import { withPrefetchCopy } from "./filters/copy_on_read.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
 import { type EngineOptions, openTopNode } from "./open_node.ts";
 import { hasProtocol } from "../cli/filename.ts";
@@ -101,7 +102,7 @@ async function openNodeImage(
     loadSnapshot: options.loadSnapshot,
     openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
   });
-  let device = opened.device;
+  let device = opened.format === "qcow2" ? withPrefetchCopy(opened.device) : opened.device;
   if (image.offset !== 0) device = new OffsetFilter(device, image.offset, undefined);
   return {
     device,
@@ -140,7 +141,7 @@ async function openSnapshotOverlay(
     await base.close().catch(() => {});
     throw e;
   });
-  return new UnsafeCacheFilter(overlay);
+  return new UnsafeCacheFilter(withPrefetchCopy(overlay));
 }
 
 /** The image with its format driver and offset, before the option-driven filters. */
@@ -172,6 +173,7 @@ async function openImage(
       writable,
       passDiscard: options.discard === "unmap",
     });
+    dev = withPrefetchCopy(dev);
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
     }

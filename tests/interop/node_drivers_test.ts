@@ -340,3 +340,44 @@ Deno.test("backing files named by protocol (nbd://, http://, json:) open as qemu
     }
   });
 });
+
+Deno.test("NBD_CMD_CACHE on a qcow2 image with a backing file copies into the top image, as qemu-nbd (EPERM with -r)", async () => {
+  await withTempDir(async (dir) => {
+    const { qcow2 } = await makeImages(dir);
+    const results: Record<string, string> = {};
+    for (const kind of ["qemu-nbd", "denbd"] as const) {
+      for (const args of [[], ["-r"], ["-s"]]) {
+        const top = `${dir}/cache-${kind}.qcow2`;
+        await runOk(["qemu-img", "create", "-q", "-f", "qcow2", "-b", qcow2, "-F", "qcow2", top]);
+        const s = await Server.start({ dir, kind, args: ["-t", "-f", "qcow2", ...args, top] });
+        let answer: string;
+        try {
+          const r = await run([
+            "/usr/bin/python3",
+            "-c",
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n" +
+            "try:\n  h.cache(196608, 0); h.cache(65536, 6291456); print('ok')\n" +
+            "except nbd.Error as e: print(e.errnum)",
+            s.uri,
+          ]);
+          answer = r.stdout.trim();
+        } finally {
+          await s.stop();
+        }
+        const m = JSON.parse((await runOk(["qemu-img", "map", "--output=json", top])).stdout) as {
+          start: number;
+          length: number;
+          depth: number;
+        }[];
+        results[`${kind} ${args.join(" ")}`] = `${answer} ${
+          JSON.stringify(m.map((e) => [e.start, e.length, e.depth]))
+        }`;
+      }
+    }
+    for (const args of ["", "-r", "-s"]) {
+      assert.equal(results[`denbd ${args}`], results[`qemu-nbd ${args}`], args);
+    }
+    assert.match(results["denbd "]!, /^ok \[\[0,196608,0\]/);
+    assert.match(results["denbd -r"]!, /^1 /);
+  });
+});

@@ -200,3 +200,42 @@ function isZero(b: Uint8Array): boolean {
   for (let i = words * 4; i < b.length; i++) if (b[i] !== 0) return false;
   return true;
 }
+
+/**
+ * qemu-nbd answers NBD_CMD_CACHE on an image with a backing file by prefetching with
+ * copy-on-read (BDRV_REQ_COPY_ON_READ | BDRV_REQ_PREFETCH), even without the copy-on-read
+ * filter: the range ends up allocated in the top image. Read-only, that needs write permission
+ * it does not have, and every CACHE fails with EPERM. Reads and writes are unchanged; writes go
+ * through the copier so a copy never overwrites newer data.
+ */
+export class PrefetchCopyFilter extends Filter {
+  readonly #dev: BlockDevice;
+  readonly #writable: boolean;
+
+  constructor(dev: BlockDevice, clusterSize: number) {
+    const writable = dev.caps.writable;
+    super(writable ? new CopyOnReadFilter(dev, { clusterSize }) : dev);
+    this.#dev = dev;
+    this.#writable = writable;
+  }
+
+  override pread(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#dev.pread(buf, offset);
+  }
+
+  override cache(offset: number, length: number): Promise<void> {
+    if (!this.#writable) {
+      return Promise.reject(new BlockError(Errno.EPERM, "Operation not permitted"));
+    }
+    return this.next.cache(offset, length);
+  }
+}
+
+/** Wraps a top qcow2 image that has a backing file in {@linkcode PrefetchCopyFilter}. */
+export function withPrefetchCopy(dev: BlockDevice): BlockDevice {
+  const q = dev as { hasBacking?: boolean; clusterSize?: number };
+  if (q.hasBacking !== true || q.clusterSize === undefined || dev.allocationDepth === undefined) {
+    return dev;
+  }
+  return new PrefetchCopyFilter(dev, q.clusterSize);
+}

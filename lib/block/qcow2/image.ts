@@ -657,6 +657,11 @@ export class Qcow2Device implements BlockDevice {
   }
 
   /** Guest cluster size in bytes (the granularity of compressed writes). */
+  /** The image has a backing file (NBD_CMD_CACHE then copies from it, see copy_on_read.ts). */
+  get hasBacking(): boolean {
+    return this.#backing !== undefined;
+  }
+
   get clusterSize(): number {
     return this.#cs;
   }
