@@ -61,81 +61,83 @@ for (const origin of ["qemu-nbd", "denbd"] as const) {
   });
 }
 
-Deno.test("nbd driver: writes, zeroes and trims through a proxy reach the origin; qemu-nbd in front of denbd", async () => {
-  await withTempDir(async (dir) => {
-    const { raw } = await makeImages(dir);
-    const o = await Server.start({
-      dir,
-      kind: "qemu-nbd",
-      image: raw,
-      args: ["-t", "-e", "0", "-f", "raw"],
-    });
-    try {
-      const proxy = await Server.start({
+for (const origin of ["qemu-nbd", "denbd"] as const) {
+  Deno.test(`nbd driver: writes, zeroes and trims through a proxy reach a ${origin} origin; qemu-nbd in front of the proxy`, async () => {
+    await withTempDir(async (dir) => {
+      const { raw } = await makeImages(dir);
+      const o = await Server.start({
         dir,
-        kind: "denbd",
-        args: ["-t", "-f", "raw", "--discard=unmap", `nbd+unix:///?socket=${o.socketPath}`],
+        kind: origin,
+        image: raw,
+        args: ["-t", "-e", "0", "-f", "raw"],
       });
       try {
-        await runOk([
-          "qemu-io",
-          "-f",
-          "raw",
-          "-c",
-          "write -P 0x77 1M 128k",
-          "-c",
-          "write -z 6M 64k",
-          "-c",
-          "discard 3M 64k",
-          "-c",
-          "flush",
-          proxy.uri,
-        ]);
-        // Seen at the origin, by a client of the origin, ...
-        const r = await runOk([
-          "qemu-io",
-          "-f",
-          "raw",
-          "-c",
-          "read -P 0x77 1M 128k",
-          "-c",
-          "read -P 0 6M 64k",
-          o.uri,
-        ]);
-        assert.doesNotMatch(r.stdout, /Pattern verification failed/);
-        // ... and a qemu-nbd in front of the denbd proxy sees the same.
-        const front = await Server.start({
+        const proxy = await Server.start({
           dir,
-          kind: "qemu-nbd",
-          args: ["-t", "-f", "raw", "-r", `nbd+unix:///?socket=${proxy.socketPath}`],
+          kind: "denbd",
+          args: ["-t", "-f", "raw", "--discard=unmap", `nbd+unix:///?socket=${o.socketPath}`],
         });
         try {
-          const cmp = await run([
-            "qemu-img",
-            "compare",
+          await runOk([
+            "qemu-io",
             "-f",
             "raw",
-            "-F",
+            "-c",
+            "write -P 0x77 1M 128k",
+            "-c",
+            "write -z 6M 64k",
+            "-c",
+            "discard 3M 64k",
+            "-c",
+            "flush",
+            proxy.uri,
+          ]);
+          // Seen at the origin, by a client of the origin, ...
+          const r = await runOk([
+            "qemu-io",
+            "-f",
             "raw",
-            front.uri,
+            "-c",
+            "read -P 0x77 1M 128k",
+            "-c",
+            "read -P 0 6M 64k",
             o.uri,
           ]);
-          assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
-          assert.equal(
-            (await describeExport(front.uri))["map"],
-            (await describeExport(o.uri))["map"],
-          );
+          assert.doesNotMatch(r.stdout, /Pattern verification failed/);
+          // ... and a qemu-nbd in front of the denbd proxy sees the same.
+          const front = await Server.start({
+            dir,
+            kind: "qemu-nbd",
+            args: ["-t", "-f", "raw", "-r", `nbd+unix:///?socket=${proxy.socketPath}`],
+          });
+          try {
+            const cmp = await run([
+              "qemu-img",
+              "compare",
+              "-f",
+              "raw",
+              "-F",
+              "raw",
+              front.uri,
+              o.uri,
+            ]);
+            assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+            assert.equal(
+              (await describeExport(front.uri))["map"],
+              (await describeExport(o.uri))["map"],
+            );
+          } finally {
+            await front.stop();
+          }
         } finally {
-          await front.stop();
+          await proxy.stop();
         }
       } finally {
-        await proxy.stop();
+        await o.stop();
       }
-    } finally {
-      await o.stop();
-    }
+    });
   });
-});
+}
 
 Deno.test("nbd driver: -f qcow2 over an NBD export of the qcow2 file, as qemu-nbd", async () => {
   await withTempDir(async (dir) => {
