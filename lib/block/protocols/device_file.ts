@@ -31,8 +31,9 @@ export class DeviceFile implements FileEngine {
   pwrite(buf: Uint8Array, offset: number): Promise<void> {
     if (offset + buf.length > this.#dev.size) {
       return Promise.reject(
+        // EINVAL: what a protocol (an NBD server, say) answers for a write past its end.
         new BlockError(
-          Errno.ENOSPC,
+          Errno.EINVAL,
           `'${this.path}': cannot grow a ${this.#dev.size}-byte protocol node to ${
             offset + buf.length
           } bytes`,
