@@ -123,7 +123,15 @@ function cellText(
   opts: { fullError: boolean },
 ): string {
   if (!cell || cell.status === "unsupported") return "—";
-  if (cell.status === "failed") return opts.fullError ? `error: ${short(cell.error, 80)}` : "error";
+  if (cell.status === "failed") {
+    if (!opts.fullError) return "error";
+    // Runs that succeeded before the failure (e.g. a server that stalled on the 3rd repeat).
+    const n = cell.samples.length;
+    const before = n > 0
+      ? `${text({ status: "ok", samples: cell.samples })} in ${n} run(s), then `
+      : "";
+    return `${before}error: ${short(cell.error, 80)}`;
+  }
   return text(cell) ?? "n/a";
 }
 

@@ -273,6 +273,21 @@ Deno.test("renderMarkdown: errors, ratios, CPU per GiB and per-row peak RSS", ()
   assert.equal(cpuE, "| sequential write (nbdcopy, 4 conns), qcow2 (empty) | error | 2.00 | — |");
   assert.equal(rssE, "| sequential write (nbdcopy, 4 conns), qcow2 (empty) | error | 10.0 | — |");
   assert.ok(md.includes("![ratio chart](b.svg)"));
+  // A cell that failed after some good runs shows them, and no ratio.
+  const r = results();
+  const raw = r.rows[0]!.id;
+  const partial = {
+    ...r.cells[raw]!,
+    denbd: { ...ok([30, 10]), status: "failed", error: "stall" },
+  };
+  const md2 = renderMarkdown({
+    ...r,
+    cells: { ...r.cells, [raw]: partial as Record<string, Cell> },
+  });
+  assert.ok(
+    md2.includes("| 20 (10–30) in 2 run(s), then error: stall | 10 | 40 | error | error |"),
+    md2,
+  );
   assert.ok(md.includes("- seq-write-nbdcopy-c4-qcow2-empty on denbd: nbdcopy: write at offset 0"));
 });
 
