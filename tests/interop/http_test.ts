@@ -152,6 +152,21 @@ Deno.test("http: size and data as qemu-img sees them; the 512-byte tail reads as
   });
 });
 
+/**
+ * The access log once nginx has written every finished request: it logs a request after its
+ * response went out, so a client can exit before its last line is there. Bounded wait.
+ */
+async function settledLog(ngx: Nginx): Promise<string[]> {
+  let last = await ngx.accessLog();
+  for (let i = 0; i < 20; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    const now = await ngx.accessLog();
+    if (now.length === last.length) return now;
+    last = now;
+  }
+  return last;
+}
+
 Deno.test("http: readahead issues the same Range GETs as qemu-io for the same reads", async () => {
   await withNginx(async (ngx, _dir, data) => {
     const reads: [number, number][] = [
@@ -164,21 +179,21 @@ Deno.test("http: readahead issues the same Range GETs as qemu-io for the same re
     ];
     const cases: Record<string, string>[] = [{}, { readahead: "64k" }, { readahead: "0" }];
     for (const extra of cases) {
-      const before = (await ngx.accessLog()).length;
+      const before = (await settledLog(ngx)).length;
       const optText = Object.entries(extra).map(([k, v]) => `,${k}=${v}`).join("");
       const args = ["qemu-io", "-r"];
       for (const [o, l] of reads) args.push("-c", `read ${o} ${l}`);
       args.push("--image-opts", `driver=http,url=${ngx.url("/disk.img")}${optText}`);
       const q = await run(args, { timeoutMs: 30_000 });
       assert.deepEqual(q.code, 0, q.stderr);
-      const mid = (await ngx.accessLog()).length;
+      const mid = (await settledLog(ngx)).length;
       const { dev } = await open(ngx.url("/disk.img"), extra);
       try {
         for (const [o, l] of reads) assert.deepEqual(await readAt(dev, o, l), expected(data, o, l));
       } finally {
         await dev.close();
       }
-      const log = await ngx.accessLog();
+      const log = await settledLog(ngx);
       const qemuLines = log.slice(before, mid);
       const ours = log.slice(mid);
       assert(qemuLines.length >= 3, qemuLines.join("\n"));
@@ -431,6 +446,29 @@ Deno.test("http: a file that shrank after the open: short body and 416 are EIO",
       assert.match(e2.message, /The requested URL returned error: 416/);
       assert.deepEqual(warnings.length, 2);
       assert.deepEqual(await readAt(dev, 4096, 4096), expected(data, 4096, 4096));
+    } finally {
+      await dev.close();
+    }
+  });
+});
+
+Deno.test("http: every pooled keep-alive connection closed by the server: the next read still works", async () => {
+  await withNginx(async (ngx, _dir, data) => {
+    const { dev, warnings } = await open(ngx.url("/disk.img"), { readahead: "0" });
+    try {
+      // Several connections go back to the pool idle...
+      const reads = Array.from({ length: 16 }, (_, i) => readAt(dev, i * 64 * KiB, 4096));
+      await Promise.all(reads);
+      // ...and a restart closes all of them (as nginx's keepalive_timeout does after a pause).
+      await ngx.stop();
+      await ngx.restart();
+      for (let i = 0; i < 3; i++) {
+        assert.deepEqual(
+          await readAt(dev, MiB + i * 4096, 4096),
+          expected(data, MiB + i * 4096, 4096),
+        );
+      }
+      assert.deepEqual(warnings, []);
     } finally {
       await dev.close();
     }

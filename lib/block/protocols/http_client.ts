@@ -402,7 +402,9 @@ export class HttpClient {
   ): Promise<{ kind: "done"; value: T } | { kind: "redirect"; location: string }> {
     const reqHead = encoder.encode(this.#requestHead(url, method, range));
     for (let attempt = 0;; attempt++) {
-      const conn = pool.idle.pop() ?? await this.#connect(pool, tr);
+      // The retry takes a fresh connection: the other idle ones are as old as the one the server
+      // just turned out to have closed, and likely closed too (keepalive_timeout, a restart).
+      const conn = (attempt === 0 ? pool.idle.pop() : undefined) ?? await this.#connect(pool, tr);
       tr.conn = conn;
       tr.connected = true;
       pool.busy.add(conn);
@@ -437,8 +439,10 @@ export class HttpClient {
         keep = head.keepAlive && body.complete;
         return { kind: "done", value };
       } catch (e) {
-        // A kept-alive connection the server closed while idle: once more on a fresh one.
+        // A kept-alive connection the server closed while idle: once more on a fresh one, and
+        // drop the idle ones opened before it, which the server has most likely closed as well.
         if (!responded && conn.served > 0 && attempt === 0 && !tr.timedOut && !pool.closed) {
+          for (const c of pool.idle.splice(0)) c.t.close();
           continue;
         }
         throw e;
