@@ -521,6 +521,10 @@ export class NbdClient {
   #dead: BlockError | undefined;
   #closing = false;
   #watchingWrites = false;
+  /** Requests without payload waiting for the end of this turn (see `#flushBatch`). */
+  readonly #batch: Uint8Array[] = [];
+  #batchBytes = 0;
+  #batchScheduled = false;
 
   constructor(
     conn: ByteConn,
@@ -617,6 +621,7 @@ export class NbdClient {
       if (this.#dead === undefined) {
         const b = new Uint8Array(NBD_REQUEST_SIZE);
         putRequest(view(b), NBD_CMD_DISC, 0, 0, 0, 0, 0);
+        this.#flushBatch(); // requests issued just before still go first
         this.#writer.send(b);
         await this.#writer.drain();
       }
@@ -663,9 +668,44 @@ export class NbdClient {
     const b = bufferPool.get(size);
     putRequest(view(b), type, flags, slot.seq, slot.index, offset, length);
     if (payload) b.set(payload, NBD_REQUEST_SIZE);
-    this.#writer.send(b, releaseToPool);
+    if (payload) {
+      this.#flushBatch(); // keep the order: batched requests first
+      this.#writer.send(b, releaseToPool);
+    } else {
+      // Requests issued in the same turn of the event loop go out in one write: one wake-up of
+      // the server instead of one per request.
+      this.#batch.push(b);
+      this.#batchBytes += b.length;
+      if (!this.#batchScheduled) {
+        this.#batchScheduled = true;
+        queueMicrotask(this.#flushBatchTask);
+      }
+    }
     this.#watchWrites();
     return await done;
+  }
+
+  readonly #flushBatchTask = (): void => this.#flushBatch();
+
+  /** Send the batched requests as one buffer (a single request as it is). */
+  #flushBatch(): void {
+    this.#batchScheduled = false;
+    const n = this.#batch.length;
+    if (n === 0) return;
+    if (n === 1) {
+      this.#writer.send(this.#batch[0]!, releaseToPool);
+    } else {
+      const all = bufferPool.get(this.#batchBytes);
+      let at = 0;
+      for (const b of this.#batch) {
+        all.set(b, at);
+        at += b.length;
+        bufferPool.put(b);
+      }
+      this.#writer.send(all, releaseToPool);
+    }
+    this.#batch.length = 0;
+    this.#batchBytes = 0;
   }
 
   /** Notice a failed socket write even when the reader never sees the connection end. */
