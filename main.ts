@@ -43,6 +43,8 @@ async function main(args: string[]): Promise<number> {
   }
   switch (command.kind) {
     case "help":
+      console.log(command.text);
+      return command.exitCode ?? 0;
     case "version":
       console.log(command.text);
       return 0;

@@ -37,7 +37,8 @@ export interface ImageSpec {
 
 /** What main.ts is asked to do. */
 export type Command =
-  | { readonly kind: "help"; readonly text: string }
+  /** `exitCode`: 0 unless given (qemu-nbd's `-T ...,help` lists the keys and exits 1). */
+  | { readonly kind: "help"; readonly text: string; readonly exitCode?: number }
   | { readonly kind: "version"; readonly text: string }
   | { readonly kind: "serve"; readonly options: ServerOptions };
 

@@ -570,7 +570,9 @@ export function parseCommandLine(argv: readonly string[]): Command {
       // qemu-nbd acts on -T at once: its warnings, errors and `help` come at this point.
       const req = traceOption(value ?? "");
       if (req.listEvents) return Object.freeze({ kind: "help", text: traceEventList() });
-      if (req.describeOptions) return Object.freeze({ kind: "help", text: TRACE_OPTIONS_HELP });
+      if (req.describeOptions) {
+        return Object.freeze({ kind: "help", text: TRACE_OPTIONS_HELP, exitCode: 1 });
+      }
       d.traceFile = req.file;
     }
     apply(d, spec.id, value ?? "");

@@ -157,10 +157,12 @@ Deno.test("trace: bad -T arguments are refused in qemu-nbd's words", async () =>
       ["-T", `events=${dir}`],
       ["-T", `file=${dir}/a%s`, "img"],
       ["-T", "nosuch", "-T", "enable=nbd_trip,enable=nosuch2"],
+      ["-T", "nbd_trip,help"],
     ];
     for (const args of cases) {
       const q = await run(["qemu-nbd", ...args]);
       const d = await run([...serverArgv("denbd"), ...args], { env: ENV });
+      assert.equal(d.stdout, q.stdout, args.join(" "));
       // qemu-nbd's "Try `ARGV0 --help'" hint has the path it was started as.
       const qErr = q.stderr.replaceAll("/usr/bin/qemu-nbd", "qemu-nbd");
       assert.equal(d.stderr, qErr, args.join(" "));
