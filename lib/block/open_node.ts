@@ -334,7 +334,7 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
         writable: ctx.writable,
         warn: ctx.warn,
       });
-      return { kind: "device", dev, name: filename ?? "nbd" };
+      return { kind: "device", dev, name: nbdNodeName({ ...fromName, ...own }) };
     }
     case "http":
     case "https": {
@@ -355,6 +355,22 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
         `Block protocol '${driver}' is not supported by denbd yet`,
       );
   }
+}
+
+/**
+ * The name qemu gives an nbd node (nbd_refresh_filename), which its messages show: rebuilt from
+ * the options, whatever form the filename had ("nbd:unix:/s" → "nbd+unix://?socket=/s").
+ */
+function nbdNodeName(o: NodeOptions): string {
+  const exp = o["export"] !== undefined && o["export"] !== "" ? o["export"] : undefined;
+  const type = o["server.type"] ?? (o["path"] !== undefined ? "unix" : "inet");
+  if (type === "unix") {
+    const path = o["server.path"] ?? o["path"] ?? "";
+    return exp === undefined ? `nbd+unix://?socket=${path}` : `nbd+unix:///${exp}?socket=${path}`;
+  }
+  const host = o["server.host"] ?? o["host"] ?? "";
+  const port = o["server.port"] ?? o["port"] ?? "10809";
+  return exp === undefined ? `nbd://${host}:${port}` : `nbd://${host}:${port}/${exp}`;
 }
 
 /** Raises the minimum block size (probed raw images: qemu guards whole sectors). */
