@@ -8,7 +8,8 @@
  *   scripts/http_bench.ts [--size-mib 1024] [--repeat 3] [--workers 1|auto]
  * ```
  *
- * Prints one Markdown table of medians (min–max) in MiB/s.
+ * Prints one Markdown table of medians (min–max) in MiB/s, with the CPU seconds each NBD server
+ * process used per copy (start-up included) where /proc still has it when the copy ends.
  *
  * @module
  */
@@ -18,6 +19,8 @@ import { openHttpProtocol } from "../lib/block/protocols/http.ts";
 import { startNginx } from "../tests/interop/_nginx.ts";
 
 const MiB = 1024 * 1024;
+/** denbd started as the release wrapper starts it (same as `deno run ... main.ts`). */
+const DENBD = new URL("./bin/denbd", import.meta.url).pathname;
 /** A copy that takes longer than this is counted as hung. */
 const NBDCOPY_LIMIT_S = 120;
 
@@ -87,8 +90,31 @@ async function waitForSocket(path: string, child: Deno.ChildProcess): Promise<vo
   throw new Error(`server did not listen on ${path}`);
 }
 
-/** Starts `argv` (an NBD server on unix socket `sock`), times `nbdcopy URI null:`; MiB/s. */
-async function nbdcopyThroughput(argv: string[], sock: string, size: number): Promise<number> {
+/** CPU seconds (user + system) `pid` has used so far, from /proc; NaN when unreadable. */
+function procCpuSeconds(pid: number): number {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) / 100; // USER_HZ is 100 on Linux
+  } catch {
+    return NaN;
+  }
+}
+
+/** CPU seconds of the server per copy, by row; filled by {@link nbdcopyThroughput}. */
+const serverCpu = new Map<string, number[]>();
+
+/**
+ * Starts `argv` (an NBD server on unix socket `sock`), times `nbdcopy URI null:`; MiB/s. The
+ * server's CPU seconds (including its start-up) are appended to `serverCpu` under `row`.
+ */
+async function nbdcopyThroughput(
+  argv: string[],
+  sock: string,
+  size: number,
+  row: string,
+): Promise<number> {
   const child = new Deno.Command(argv[0]!, {
     args: argv.slice(1),
     stdin: "null",
@@ -105,7 +131,9 @@ async function nbdcopyThroughput(argv: string[], sock: string, size: number): Pr
       stderr: "piped",
     }).output();
     const dt = (performance.now() - t0) / 1000;
+    const cpu = procCpuSeconds(child.pid);
     if (out.code === 124) return NaN;
+    serverCpu.set(row, [...(serverCpu.get(row) ?? []), cpu]);
     if (!out.success) throw new Error(`nbdcopy failed: ${new TextDecoder().decode(out.stderr)}`);
     return size / MiB / dt;
   } finally {
@@ -167,11 +195,33 @@ async function main(): Promise<void> {
         ],
         [
           "nbdkit curl + nbdcopy",
-          () => nbdcopyThroughput(["nbdkit", "-f", "-U", sock, "curl", url], sock, size),
+          () =>
+            nbdcopyThroughput(
+              ["nbdkit", "-f", "-U", sock, "curl", url],
+              sock,
+              size,
+              "nbdkit curl + nbdcopy",
+            ),
+        ],
+        [
+          "denbd -r + nbdcopy",
+          () =>
+            nbdcopyThroughput(
+              [DENBD, "-t", "-r", "-f", "raw", "-k", sock, url],
+              sock,
+              size,
+              "denbd -r + nbdcopy",
+            ),
         ],
         [
           "qemu-nbd -r + nbdcopy",
-          () => nbdcopyThroughput(["qemu-nbd", "-r", "-f", "raw", "-k", sock, url], sock, size),
+          () =>
+            nbdcopyThroughput(
+              ["qemu-nbd", "-r", "-f", "raw", "-k", sock, url],
+              sock,
+              size,
+              "qemu-nbd -r + nbdcopy",
+            ),
         ],
       ];
       const samples = rows.map(() => [] as number[]);
@@ -187,9 +237,15 @@ async function main(): Promise<void> {
           size / MiB
         } MiB over http (nginx, ${values.workers} worker(s)), MiB/s, median of ${repeat}:\n`,
       );
-      console.log("| path | MiB/s | min–max |\n| --- | --- | --- |");
+      console.log(
+        "| path | MiB/s | min–max | server CPU s (median) |\n| --- | --- | --- | --- |",
+      );
       rows.forEach(([name], i) => {
-        console.log(`| ${name} | ${cell(samples[i]!)} |`);
+        const cpu = serverCpu.get(name);
+        // qemu-nbd without -t exits when the client leaves, before its /proc entry is read.
+        const known = (cpu ?? []).filter((v) => !Number.isNaN(v));
+        const cpuCell = known.length === 0 ? "–" : median(known).toFixed(2);
+        console.log(`| ${name} | ${cell(samples[i]!)} | ${cpuCell} |`);
       });
     } finally {
       await ngx.stop();
