@@ -93,8 +93,8 @@ for (const origin of ["qemu-nbd", "denbd"] as const) {
             proxy.uri,
           ]);
           // Probed writable proxies warn with qemu's rebuilt node name, whatever the form.
-        for (const f of forms(o.socketPath!)) await compareServers(dir, () => f);
-        // Seen at the origin, by a client of the origin, ...
+          for (const f of forms(o.socketPath!)) await compareServers(dir, () => f);
+          // Seen at the origin, by a client of the origin, ...
           const r = await runOk([
             "qemu-io",
             "-f",
