@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { run, runOk, Server, type ServerKind } from "./_harness.ts";
+import { type Extent, makeSparseImage, run, runOk, Server, type ServerKind } from "./_harness.ts";
 
 /** What a client sees of an export, minus what names the socket. */
 export async function describeExport(uri: string): Promise<Record<string, unknown>> {
@@ -52,4 +52,17 @@ export async function compareServers(
   } finally {
     for (const s of servers) await s.stop();
   }
+}
+
+/** A sparse raw image `disk.img` in `dir` with `extents` written, and its qcow2 copy `disk.qcow2`. */
+export async function makeRawAndQcow2(
+  dir: string,
+  size: number,
+  extents: readonly Extent[],
+): Promise<{ raw: string; qcow2: string }> {
+  const raw = `${dir}/disk.img`;
+  await makeSparseImage(raw, size, extents);
+  const qcow2 = `${dir}/disk.qcow2`;
+  await runOk(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
+  return { raw, qcow2 };
 }

@@ -7,27 +7,14 @@
  */
 
 import assert from "node:assert/strict";
-import {
-  makeSparseImage,
-  MiB,
-  run,
-  runOk,
-  Server,
-  serverArgv,
-  type ServerKind,
-  withTempDir,
-} from "./_harness.ts";
-import { compareServers } from "./_differential.ts";
+import { MiB, run, runOk, Server, serverArgv, type ServerKind, withTempDir } from "./_harness.ts";
+import { compareServers, makeRawAndQcow2 } from "./_differential.ts";
 
-async function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
-  const raw = `${dir}/disk.img`;
-  await makeSparseImage(raw, 4 * MiB, [
+function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
+  return makeRawAndQcow2(dir, 4 * MiB, [
     { offset: 0, length: 64 * 1024, fill: "random", seed: 3 },
     { offset: 2 * MiB, length: 128 * 1024, fill: 0x11 },
   ]);
-  const qcow2 = `${dir}/disk.qcow2`;
-  await runOk(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
-  return { raw, qcow2 };
 }
 
 Deno.test("filename: file:PATH, probed and with -f, raw and qcow2, as qemu-nbd", async () => {

@@ -7,29 +7,16 @@
  */
 
 import assert from "node:assert/strict";
-import {
-  makeSparseImage,
-  MiB,
-  run,
-  runOk,
-  Server,
-  serverArgv,
-  type ServerKind,
-  withTempDir,
-} from "./_harness.ts";
+import { MiB, run, runOk, Server, serverArgv, type ServerKind, withTempDir } from "./_harness.ts";
 import { startNginx } from "./_nginx.ts";
-import { compareServers, describeExport } from "./_differential.ts";
+import { compareServers, describeExport, makeRawAndQcow2 } from "./_differential.ts";
 
-async function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
-  const raw = `${dir}/disk.img`;
-  await makeSparseImage(raw, 8 * MiB, [
+function makeImages(dir: string): Promise<{ raw: string; qcow2: string }> {
+  return makeRawAndQcow2(dir, 8 * MiB, [
     { offset: 0, length: 192 * 1024, fill: "random", seed: 5 },
     { offset: 3 * MiB, length: 64 * 1024, fill: 0x22 },
     { offset: 6 * MiB, length: MiB, fill: "random", seed: 6 },
   ]);
-  const qcow2 = `${dir}/disk.qcow2`;
-  await runOk(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
-  return { raw, qcow2 };
 }
 
 /** An origin server for the proxies: its unix socket URI in every filename form. */
