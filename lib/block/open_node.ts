@@ -33,6 +33,7 @@ import { parseHttpFilename } from "./protocols/http_filename.ts";
 import { CompressFilter } from "./filters/compress.ts";
 import { CopyOnReadFilter } from "./filters/copy_on_read.ts";
 import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
+import { hasQcow2Magic } from "./qcow2/header.ts";
 import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
 
@@ -73,6 +74,18 @@ const PROTOCOLS: ReadonlySet<string> = new Set([
   "http",
   "https",
 ]);
+/** qemu's `file` driver options that denbd does not act on yet: refused, never ignored. */
+const FILE_OPTIONS_NOT_YET = [
+  "aio",
+  "aio-max-batch",
+  "locking",
+  "pr-manager",
+  "cache.direct",
+  "cache.no-flush",
+  "x-check-cache-dropped",
+  "drop-cache",
+];
+
 /** Filename prefixes that name a protocol driver by another name (qemu's protocol_name list). */
 const PROTOCOL_PREFIXES: Readonly<Record<string, string>> = {
   "nbd+tcp": "nbd",
@@ -83,7 +96,6 @@ const FILTERS: ReadonlySet<string> = new Set(["compress", "copy-on-read"]);
 const QEMU_ONLY: ReadonlySet<string> = new Set(
   [...QEMU_DRIVERS].filter((d) => !PROTOCOLS.has(d) && !FILTERS.has(d)),
 );
-const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
 function unknownDriver(name: string): BlockError {
   if (QEMU_ONLY.has(name)) {
@@ -117,20 +129,14 @@ async function openNode(opts: NodeOptions, ctx: NodeContext, top: boolean): Prom
   // A format (given or probed) over its file child.
   const own = ownOptions(opts, ["file"]);
   let child = subOptions(opts, "file.");
-  if (own["file"] !== undefined) {
-    const ref = own["file"];
-    throw new BlockError(Errno.EINVAL, `Cannot find device='${ref}' nor node-name='${ref}'`);
-  }
-  if (own["filename"] !== undefined) {
+  if (own["filename"] !== undefined && own["file"] === undefined) {
     if (Object.keys(child).length > 0) {
       throw new BlockError(Errno.EINVAL, "Cannot specify both 'filename' and 'file.*' options");
     }
     child = { filename: own["filename"] };
     delete own["filename"];
   }
-  if (Object.keys(child).length === 0) {
-    throw new BlockError(Errno.EINVAL, `A block device must be specified for "file"`);
-  }
+  requireChild(own, child);
   const proto = await openProtocol(expandJson(child), ctx);
   try {
     return await openFormat(driver as "raw" | "qcow2" | undefined, own, proto, ctx, top);
@@ -151,11 +157,7 @@ async function openFilter(
 ): Promise<OpenedNode> {
   const own = ownOptions(opts, ["file"]);
   const child = subOptions(opts, "file.");
-  const known = driver === "copy-on-read" ? ["driver", "bottom"] : ["driver"];
-  if (own["file"] !== undefined) {
-    const ref = own["file"];
-    throw new BlockError(Errno.EINVAL, `Cannot find device='${ref}' nor node-name='${ref}'`);
-  }
+  const known = driver === "copy-on-read" ? ["driver", "bottom", "file"] : ["driver", "file"];
   for (const k of Object.keys(own)) {
     if (!known.includes(k)) {
       throw new BlockError(
@@ -164,9 +166,7 @@ async function openFilter(
       );
     }
   }
-  if (Object.keys(child).length === 0) {
-    throw new BlockError(Errno.EINVAL, `A block device must be specified for "file"`);
-  }
+  requireChild(own, child);
   const childDriver = child["driver"];
   const below = childDriver !== undefined && (FORMATS.has(childDriver) || FILTERS.has(childDriver))
     ? await openNode(child, ctx, true)
@@ -199,6 +199,20 @@ async function openFilter(
   } catch (e) {
     await below.device.close().catch(() => {});
     throw e;
+  }
+}
+
+/**
+ * The `file` child of a format or filter node: qemu's refusals for a node reference
+ * (`file=NAME`) and for a missing child.
+ */
+function requireChild(own: NodeOptions, child: NodeOptions): void {
+  const ref = own["file"];
+  if (ref !== undefined) {
+    throw new BlockError(Errno.EINVAL, `Cannot find device='${ref}' nor node-name='${ref}'`);
+  }
+  if (Object.keys(child).length === 0) {
+    throw new BlockError(Errno.EINVAL, `A block device must be specified for "file"`);
   }
 }
 
@@ -283,14 +297,15 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
   if (!PROTOCOLS.has(driver)) throw unknownDriver(driver);
   switch (driver) {
     case "file": {
-      rejectUnknownKeys("file", opts, [
-        "driver",
-        "filename",
-        "aio",
-        "locking",
-        "cache.direct",
-        "cache.no-flush",
-      ]);
+      for (const k of FILE_OPTIONS_NOT_YET) {
+        if (opts[k] !== undefined) {
+          throw new BlockError(
+            Errno.ENOTSUP,
+            `Option '${k}' of the 'file' driver is not supported yet`,
+          );
+        }
+      }
+      rejectUnknownKeys("file", opts, ["driver", "filename"]);
       if (filename === undefined) {
         throw new BlockError(Errno.EINVAL, "The 'file' block driver requires a file name");
       }
@@ -324,10 +339,8 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
       const fromName = filename === undefined ? {} : parseNbdFilename(filename);
       for (const k of Object.keys(own)) {
         if (k in fromName) {
-          throw new BlockError(
-            Errno.EINVAL,
-            "No valid URL specified", /* qemu: a filename and explicit server options */
-          );
+          // qemu refuses a filename together with explicit server options this way.
+          throw new BlockError(Errno.EINVAL, "No valid URL specified");
         }
       }
       const dev = await openNbdProtocol({ ...fromName, ...own }, {
@@ -385,15 +398,26 @@ class MinBlockFilter extends Filter {
   }
 }
 
-async function probe(proto: Protocol): Promise<"raw" | "qcow2"> {
+/** The format of an open file, from its first bytes: qcow2 magic, else raw (as qemu probes). */
+export async function probeFileFormat(file: FileEngine): Promise<"raw" | "qcow2"> {
   const head = new Uint8Array(4);
-  let n: number;
-  if (proto.kind === "file") n = await proto.file.pread(head, 0);
-  else {
-    n = Math.min(4, proto.dev.size);
-    if (n > 0) await proto.dev.pread(head.subarray(0, n), 0);
-  }
-  return n === 4 && QCOW2_MAGIC.every((b, i) => head[i] === b) ? "qcow2" : "raw";
+  const n = await file.pread(head, 0);
+  return n === 4 && hasQcow2Magic(head) ? "qcow2" : "raw";
+}
+
+async function probe(proto: Protocol): Promise<"raw" | "qcow2"> {
+  if (proto.kind === "file") return await probeFileFormat(proto.file);
+  const head = new Uint8Array(4);
+  if (proto.dev.size < 4) return "raw";
+  await proto.dev.pread(head, 0);
+  return hasQcow2Magic(head) ? "qcow2" : "raw";
+}
+
+/** qemu's warning for a probed raw image it will write (not under -r or -s). */
+export function probedRawWarning(name: string): string {
+  return `WARNING: Image format was not specified for '${name}' and probing guessed raw.\n` +
+    "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
+    "         Specify the 'raw' format explicitly to remove the restrictions.";
 }
 
 function protocolName(proto: Protocol): string {
@@ -430,15 +454,7 @@ async function openFormat(
     return { device, format, probed: false };
   }
   // qemu warns only when it will write the image itself (neither -r nor -s).
-  if (probed && ctx.writable) {
-    ctx.warn(
-      `WARNING: Image format was not specified for '${
-        protocolName(proto)
-      }' and probing guessed raw.\n` +
-        "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
-        "         Specify the 'raw' format explicitly to remove the restrictions.",
-    );
-  }
+  if (probed && ctx.writable) ctx.warn(probedRawWarning(protocolName(proto)));
   const offset = sizeOpt(own, "offset", 0);
   const size = own["size"] === undefined ? undefined : sizeOpt(own, "size", 0);
   if (size !== undefined && size % 512 !== 0) {

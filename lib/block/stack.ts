@@ -21,14 +21,18 @@ import { ProbeGuardFilter } from "./filters/probe_guard.ts";
 import { ReadOnlyFilter } from "./filters/read_only.ts";
 import { RawDevice } from "./raw.ts";
 import { type BlockDevice, BlockError, Errno } from "./types.ts";
-import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
+import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { withPrefetchCopy } from "./filters/copy_on_read.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
-import { type EngineOptions, openTopNode } from "./open_node.ts";
+import {
+  type EngineOptions,
+  type NodeContext,
+  openTopNode,
+  probedRawWarning,
+  probeFileFormat,
+} from "./open_node.ts";
 import { hasProtocol } from "../cli/filename.ts";
-
-const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
 
 /** What the stack builder hands back. */
 export interface OpenedImage {
@@ -36,13 +40,6 @@ export interface OpenedImage {
   readonly format: "raw" | "qcow2";
   /** True when the format was guessed (qemu warns and restricts block 0). */
   readonly probed: boolean;
-}
-
-/** The format of an open file, from its first bytes: qcow2 magic, else raw (as qemu-nbd). */
-export async function probeFormat(file: FileEngine): Promise<"raw" | "qcow2"> {
-  const head = new Uint8Array(4);
-  const n = await file.pread(head, 0);
-  return n === 4 && QCOW2_MAGIC.every((b, i) => head[i] === b) ? "qcow2" : "raw";
 }
 
 /** --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads. */
@@ -81,7 +78,7 @@ export async function openExportStack(
  * loading the -l snapshot comes after it and keeps its own wording.
  */
 function openError(e: unknown, source: string): unknown {
-  if (!(e instanceof Error) || e.message.startsWith("Failed to load snapshot")) return e;
+  if (!(e instanceof Error) || e instanceof SnapshotLoadError) return e;
   const msg = `Failed to blk_new_open '${source}': ${e.message}`;
   return e instanceof BlockError ? new BlockError(e.errno, msg) : new Error(msg);
 }
@@ -95,12 +92,9 @@ async function openNodeImage(
 ): Promise<OpenedImage> {
   const image = options.image;
   const opened = await openTopNode({ ...node }, {
-    writable: !options.readOnly && !options.snapshot,
-    engine,
-    warn,
+    ...nodeContext(!options.readOnly && !options.snapshot, engine, warn),
     passDiscard: options.discard === "unmap",
     loadSnapshot: options.loadSnapshot,
-    openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
   });
   let device = opened.format === "qcow2" ? withPrefetchCopy(opened.device) : opened.device;
   if (image.offset !== 0) device = new OffsetFilter(device, image.offset, undefined);
@@ -157,7 +151,7 @@ async function openImage(
   const file = openFileEngine(image.filename, { ...engine, writable });
   let format: "raw" | "qcow2";
   try {
-    format = image.format ?? await probeFormat(file);
+    format = image.format ?? await probeFileFormat(file);
   } catch (e) {
     file.close();
     throw e;
@@ -182,11 +176,7 @@ async function openImage(
   try {
     // qemu warns only when it will write the image itself (neither -r nor -s).
     if (probed && writable) {
-      warn(
-        `WARNING: Image format was not specified for '${image.filename}' and probing guessed raw.\n` +
-          "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
-          "         Specify the 'raw' format explicitly to remove the restrictions.",
-      );
+      warn(probedRawWarning(image.filename));
     }
     let dev: BlockDevice = new RawDevice(file, {
       writable,
@@ -249,6 +239,21 @@ function backingOverride(
   return { path, format: driver };
 }
 
+/** How the node opener opens images of this export (backing files through openBackingImage). */
+function nodeContext(
+  writable: boolean,
+  engine: EngineOptions,
+  warn: (msg: string) => void,
+): NodeContext {
+  return {
+    writable,
+    engine,
+    warn,
+    passDiscard: false,
+    openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
+  };
+}
+
 /**
  * Open a backing file (or external data file) read-only: the format given by the image, else
  * probed. Every image of a chain goes through here, so qcow2 backing files get their own chain.
@@ -262,25 +267,16 @@ async function openBackingImage(
 ): Promise<BlockDevice> {
   if (hasProtocol(path)) {
     // A backing file named by protocol (nbd://, http://, json:{...}): the node opener's job.
-    const opened = await openTopNode(
-      format === undefined ? { filename: path } : {
-        driver: format,
-        filename: path,
-      },
-      {
-        writable: false,
-        engine,
-        warn,
-        passDiscard: false,
-        openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn),
-      },
-    );
+    const name: Record<string, string> = format === undefined
+      ? { filename: path }
+      : { driver: format, filename: path };
+    const opened = await openTopNode(name, nodeContext(false, engine, warn));
     return opened.device;
   }
   const file = openFileEngine(path, { ...engine, writable: false });
   let fmt: "raw" | "qcow2";
   try {
-    fmt = format ?? await probeFormat(file);
+    fmt = format ?? await probeFileFormat(file);
   } catch (e) {
     file.close();
     throw e;

@@ -11,6 +11,7 @@
  */
 
 import { isAbsolute } from "node:path";
+import { hasProtocol } from "../../cli/filename.ts";
 import type { FileEngine } from "../../io/file_engine.ts";
 import { type BlockDevice, BlockError, Errno } from "../types.ts";
 import {
@@ -34,6 +35,16 @@ import {
   type SnapshotEntry,
   type SnapshotSelector,
 } from "./snapshot.ts";
+
+/**
+ * -l failed: qemu-nbd loads the snapshot after opening the image, so the message has its own
+ * "Failed to load snapshot: " frame and not blk_new_open's.
+ */
+export class SnapshotLoadError extends BlockError {
+  constructor(errno: number, detail: string) {
+    super(errno, `Failed to load snapshot: ${detail}`);
+  }
+}
 
 export { Qcow2Device } from "./image.ts";
 export type { Qcow2Header } from "./header.ts";
@@ -109,14 +120,6 @@ function realPath(path: string): string {
   } catch {
     return path;
   }
-}
-
-/** qemu's `path_has_protocol`: a colon before the first slash ("json:", "nbd:", ...). */
-function hasProtocol(name: string): boolean {
-  const colon = name.indexOf(":");
-  if (colon < 0) return false;
-  const slash = name.indexOf("/");
-  return slash < 0 || colon < slash;
 }
 
 /** Backing name → path: absolute as is, relative to the directory of the image naming it. */
@@ -314,7 +317,7 @@ async function readL1(
   let entries = h.l1Size;
   if (sel !== undefined) {
     const i = selectSnapshot(snapshots, sel);
-    if (i < 0) throw new BlockError(Errno.ENOENT, "Failed to load snapshot: Can't find snapshot");
+    if (i < 0) throw new SnapshotLoadError(Errno.ENOENT, "Can't find snapshot");
     const sn = snapshots[i]!;
     try {
       validateTable(
@@ -326,10 +329,7 @@ async function readL1(
         "Snapshot L1 table",
       );
     } catch (e) {
-      throw new BlockError(
-        (e as BlockError).errno,
-        `Failed to load snapshot: ${(e as Error).message}`,
-      );
+      throw new SnapshotLoadError((e as BlockError).errno, (e as Error).message);
     }
     offset = sn.l1TableOffset;
     entries = sn.l1Size;
