@@ -66,18 +66,13 @@ async function main(args: string[]): Promise<number> {
       ready: forkChild ? signalReady : undefined,
     });
   } catch (e) {
-    printError(describeStartError(e, options));
+    printError(describeStartError(e));
     return 1;
   }
 }
 
-function describeStartError(e: unknown, options: ServerOptions): string {
-  const msg = e instanceof Error ? e.message : String(e);
-  if (e instanceof Deno.errors.AddrInUse) {
-    const where = options.socket ?? `${options.bind}:${options.port}`;
-    return `Failed to bind socket to ${where}: Address already in use`;
-  }
-  return msg;
+function describeStartError(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
 }
 
 /** -L: list the exports of a running server (unix socket with -k, else TCP -b/-p). */

@@ -68,6 +68,7 @@ export const IORING_OP_ASYNC_CANCEL = 14;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
+export const IORING_OP_POLL_ADD = 6;
 
 /** sqe->flags: always go through a kernel worker (io-wq). */
 const IOSQE_ASYNC = 1 << 4;
@@ -279,6 +280,15 @@ export class Ring {
   /** write(2) of `buf` at `offset` (capped at 1 GiB per call). */
   write(fd: number, buf: Uint8Array, offset: number): Promise<number> {
     return this.#queue(IORING_OP_WRITE, fd, buf, Math.min(buf.length, MAX_OP_LEN), offset, 0, 0);
+  }
+
+  /**
+   * One-shot poll(2) of `fd` for `events` (POLLIN, POLLOUT...): resolves with the ready events,
+   * or a negative errno. The readiness loop of lib/net/ parks its sockets here.
+   */
+  poll(fd: number, events: number): Promise<number> {
+    // poll32_events sits where the read/write flags do.
+    return this.#queue(IORING_OP_POLL_ADD, fd, undefined, 0, 0, 0, events);
   }
 
   /** fdatasync(2), or fsync(2) when `datasync` is false. */

@@ -11,9 +11,14 @@
 import type { ServerOptions } from "./cli/options.ts";
 import { openExportStack } from "./block/stack.ts";
 import { describeExport, resolveExportBitmaps } from "./nbd/export.ts";
-import { type ListenAddress, NbdListener } from "./nbd/listener.ts";
 import { PROGRAM } from "./cli/errors.ts";
 import { startTracing } from "./trace/trace_option.ts";
+import type { ListenAddress } from "./net/address.ts";
+import { type ConnectionHost, NbdListener } from "./net/listener.ts";
+import { LocalHost } from "./net/local_host.ts";
+import { DataPlane, threadCount, threadShareable } from "./net/data_plane.ts";
+import { ReadinessLoop } from "./net/readiness.ts";
+import { FIRST_ACTIVATION_FD } from "./cli/socket_activation.ts";
 
 /** How the server talks to the outside world (stderr, readiness for --fork). */
 export interface ServerIo {
@@ -48,20 +53,34 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     allocationDepth: options.allocationDepth,
     bitmaps: options.bitmaps,
   });
-  const address: ListenAddress = options.socket !== undefined
+  const address: ListenAddress = options.activation > 0
+    ? { transport: "fd", fd: FIRST_ACTIVATION_FD }
+    : options.socket !== undefined
     ? { transport: "unix", path: options.socket }
     : { transport: "tcp", hostname: options.bind, port: options.port };
   if (address.transport === "unix") removeStaleSocket(address.path);
 
+  const loop = new ReadinessLoop();
+  const local = new LocalHost(
+    { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, report },
+    loop,
+  );
   let listener: NbdListener;
+  let plane: DataPlane | undefined;
   try {
+    // Connections go to the data-plane threads once one is ready; until then, and for exports
+    // with a single owner, they are served here (data_plane.ts says why).
+    const threads = threadShareable(options, opened.format) ? threadCount() : 0;
     listener = new NbdListener({
       address,
       shared: options.shared,
       persistent: options.persistent,
-      session: { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, report },
+      loop,
+      host: (): ConnectionHost => plane?.ready ? plane : local,
     });
+    if (threads > 0) plane = new DataPlane(threads, options);
   } catch (e) {
+    await loop.close();
     await device.close();
     throw e;
   }
@@ -76,6 +95,8 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     await listener.done;
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
+    await plane?.shutdown();
+    await loop.close();
     try {
       await device.flush();
     } catch (e) {

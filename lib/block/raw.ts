@@ -16,6 +16,7 @@ import {
   type Capabilities,
   Errno,
   type ExtentList,
+  type FileRange,
   STATE_HOLE,
   STATE_ZERO,
   type WriteFlags,
@@ -30,6 +31,11 @@ export interface RawOptions {
   readonly size: number | undefined;
   /** Request alignment (1, or 512 for format-probed images and O_DIRECT). */
   readonly minBlock: number;
+  /**
+   * Offer zero-copy reads (BlockDevice.fileRange). Off under O_DIRECT: sendfile would read
+   * through the page cache that --cache=none bypasses.
+   */
+  readonly zeroCopy?: boolean;
 }
 
 /** Largest single zero-filled write used to emulate WRITE_ZEROES where fallocate cannot. */
@@ -49,10 +55,12 @@ export class RawDevice implements BlockDevice {
    */
   #dataStart = 0;
   #dataEnd = 0;
+  readonly #zeroCopy: boolean;
 
   constructor(file: FileEngine, options: RawOptions) {
     this.#file = file;
     this.#offset = options.offset;
+    this.#zeroCopy = options.zeroCopy === true;
     const fileLength = file.length();
     const sectors = Math.ceil(fileLength / 512) * 512;
     if (options.offset > sectors) {
@@ -93,6 +101,10 @@ export class RawDevice implements BlockDevice {
     const n = await this.#file.pread(buf, this.#offset + offset);
     // Past the real end of file (the 512-byte rounding tail): zeroes, as qemu reads them.
     if (n < buf.length) buf.fill(0, n);
+  }
+
+  fileRange(offset: number, _length: number): FileRange | undefined {
+    return this.#zeroCopy ? { fd: this.#file.fd, offset: this.#offset + offset } : undefined;
   }
 
   pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {

@@ -185,6 +185,7 @@ async function openImage(
       // What qemu reports: 512 for probed raw (block-0 protection), else 1 -- also under
       // O_DIRECT, whose alignment the engine handles internally as qemu's block layer does.
       minBlock: probed ? 512 : 1,
+      zeroCopy: !engine.direct,
     });
     if (probed && writable) dev = new ProbeGuardFilter(dev);
     return { device: dev, format, probed };

@@ -156,8 +156,20 @@ export interface BlockDevice {
    * backing chain (qemu's order). Absent on layers that cannot hold bitmaps.
    */
   dirtyBitmap?(name: string): BlockBitmap | undefined;
+  /**
+   * Where `[offset, offset+length)` lies unchanged in a host file, for zero-copy reads
+   * (sendfile from the page cache), or undefined when the bytes must be read and copied. Bytes
+   * past the end of that file read as zeroes.
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   /** Release resources. Called once, after the last request. */
   close(): Promise<void>;
+}
+
+/** A run of bytes stored as-is in a host file (see BlockDevice.fileRange). */
+export interface FileRange {
+  readonly fd: number;
+  readonly offset: number;
 }
 
 /** An error with an errno value, thrown by block layers. */
@@ -228,6 +240,15 @@ export class Filter implements BlockDevice {
   }
   extents(offset: number, length: number, out: ExtentList): Promise<void> {
     return this.next.extents(offset, length, out);
+  }
+  /**
+   * Forwarded only by filters that read through unchanged: one that overrides pread changes the
+   * bytes (or their position) and must say itself where they lie, so it gets no zero-copy
+   * unless it overrides this too.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    if (this.pread !== Filter.prototype.pread) return undefined;
+    return this.next.fileRange?.(offset, length);
   }
   /** Forwarded; a layer below with no backing chain reports depth 1 everywhere. */
   allocationDepth(offset: number, length: number, out: ExtentList): Promise<void> {

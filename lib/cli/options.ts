@@ -97,4 +97,6 @@ export interface ServerOptions {
   readonly connect: string | undefined;
   readonly disconnect: boolean;
   readonly list: boolean;
+  /** Socket activation: how many listening sockets the launcher handed over (0: none). */
+  readonly activation: number;
 }

@@ -10,6 +10,7 @@ import { getopt, type OptionSpec } from "./getopt.ts";
 import { helpText, versionText } from "./help.ts";
 import { parseImageOpts, parseQemuOpts, plainImage } from "./image_opts.ts";
 import { parseInt32, parseU64 } from "./numbers.ts";
+import { activationConflict, socketActivation } from "./socket_activation.ts";
 import {
   expandLogfileName,
   parseTraceOption,
@@ -441,6 +442,21 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     }
   }
 
+  // Socket activation replaces -k/-b/-p, and qemu-nbd takes exactly one socket.
+  const activation = d.list ? 0 : socketActivation();
+  if (activation > 0) {
+    const conflict = activationConflict({
+      device: d.connect !== undefined,
+      socket: d.socket !== undefined,
+      bind: d.bind !== undefined,
+      port: d.port !== undefined,
+    });
+    if (conflict !== undefined) throw new CliError(conflict);
+    if (activation > 1) {
+      throw new CliError(`${PROGRAM} does not support socket activation with LISTEN_FDS > 1`);
+    }
+  }
+
   if (d.tlsCreds !== undefined) {
     if (d.connect !== undefined) throw new CliError("TLS is not supported with a host device");
     if (d.tlsAuthz !== undefined && d.list) {
@@ -498,6 +514,7 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     connect: d.connect,
     disconnect: d.disconnect,
     list: d.list,
+    activation,
   });
 }
 

@@ -12,6 +12,18 @@ export interface ByteConn {
   read(p: Uint8Array): Promise<number | null>;
   write(p: Uint8Array): Promise<number>;
   close(): void;
+  /**
+   * Zero-copy: `header`, then `length` bytes of the file `fd` at `offset` (sendfile(2)). Only
+   * descriptor-level transports have it (lib/net/fd_conn.ts).
+   */
+  sendFile?(header: Uint8Array, fd: number, offset: number, length: number): Promise<void>;
+}
+
+/** A reply whose payload comes straight from a file (see ByteConn.sendFile). */
+interface FileSend {
+  readonly fd: number;
+  readonly offset: number;
+  readonly length: number;
 }
 
 const INITIAL_BUFFER = 256 * 1024;
@@ -144,6 +156,8 @@ const COALESCE_LIMIT = 64 * 1024;
 export class ReplyWriter {
   #conn: ByteConn;
   #queue: Uint8Array[] = [];
+  /** Per queued reply: the file payload that follows it, for zero-copy replies. */
+  #files: (FileSend | undefined)[] = [];
   /** Per queued reply: called once its bytes have been copied or written (buffer reuse). */
   #release: ((buf: Uint8Array) => void)[] = [];
   #queued = 0;
@@ -171,8 +185,27 @@ export class ReplyWriter {
       return;
     }
     this.#queue.push(buf);
+    this.#files.push(undefined);
     this.#release.push(release);
     this.#queued += buf.length;
+    if (!this.#pumping) void this.#pump();
+  }
+
+  /** Whether the connection can send file payloads without copying them ({@link sendFile}). */
+  get zeroCopy(): boolean {
+    return this.#conn.sendFile !== undefined;
+  }
+
+  /**
+   * Queue a reply of `header` followed by `length` bytes of file `fd` at `offset`, sent with
+   * sendfile(2) when its turn comes (only when {@link zeroCopy}).
+   */
+  sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
+    if (this.#failed !== undefined) return;
+    this.#queue.push(header);
+    this.#files.push({ fd, offset, length });
+    this.#release.push(noRelease);
+    this.#queued += header.length + length;
     if (!this.#pumping) void this.#pump();
   }
 
@@ -192,11 +225,21 @@ export class ReplyWriter {
     try {
       while (this.#queue.length > 0) {
         const first = this.#queue[0]!;
-        if (this.#queue.length > 1 && first.length < COALESCE_LIMIT) {
+        const file = this.#files[0];
+        if (file !== undefined) {
+          this.#queue.shift();
+          this.#files.shift();
+          this.#release.shift();
+          this.#queued -= first.length + file.length;
+          await this.#conn.sendFile!(first, file.fd, file.offset, file.length);
+        } else if (this.#queue.length > 1 && first.length < COALESCE_LIMIT) {
           // Merge consecutive small replies into the scratch buffer: one syscall for many.
           let n = 0;
           let k = 0;
-          while (k < this.#queue.length && n + this.#queue[k]!.length <= this.#scratch.length) {
+          while (
+            k < this.#queue.length && this.#files[k] === undefined &&
+            n + this.#queue[k]!.length <= this.#scratch.length
+          ) {
             const q = this.#queue[k]!;
             this.#scratch.set(q, n);
             n += q.length;
@@ -204,12 +247,14 @@ export class ReplyWriter {
             k++;
           }
           this.#queue.splice(0, k);
+          this.#files.splice(0, k);
           this.#release.splice(0, k);
           const out = this.#scratch.subarray(0, n);
           this.#queued -= n;
           await writeAll(this.#conn, out);
         } else {
           this.#queue.shift();
+          this.#files.shift();
           const release = this.#release.shift()!;
           this.#queued -= first.length;
           try {
@@ -223,6 +268,7 @@ export class ReplyWriter {
       this.#failed = e;
       this.#queue.forEach((q, i) => this.#release[i]!(q));
       this.#queue.length = 0;
+      this.#files.length = 0;
       this.#release.length = 0;
       this.#queued = 0;
     } finally {

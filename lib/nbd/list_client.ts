@@ -20,7 +20,7 @@ import {
   NBD_REP_SERVER,
 } from "./constants.ts";
 import { nameQuery, OptionClient } from "./client.ts";
-import type { ListenAddress } from "./listener.ts";
+import type { ServerAddress } from "../net/address.ts";
 import { view } from "./wire.ts";
 
 /** One export as a listing shows it. */
@@ -75,7 +75,7 @@ export function formatExportList(list: readonly ListedExport[]): string {
 const decoder = new TextDecoder();
 
 /** Connect, list every export with its details, and say goodbye. */
-export async function listExports(address: ListenAddress): Promise<ListedExport[]> {
+export async function listExports(address: ServerAddress): Promise<ListedExport[]> {
   const conn = address.transport === "unix"
     ? await Deno.connect({ transport: "unix", path: address.path })
     : await Deno.connect({ transport: "tcp", hostname: address.hostname, port: address.port });

@@ -75,6 +75,12 @@ import { negotiationTraced, traceNegotiationStep } from "../trace/negotiate_trac
 export const MAX_IN_FLIGHT = 64;
 /** Payload bytes held by in-flight requests on one connection before reading pauses. */
 export const MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024;
+/**
+ * Reads at least this long go out with sendfile(2) where the transport and the device allow it
+ * (shared/prototypes/lean_nbd.ts measured 1.1–1.2 → 1.5–1.7 GB/s); below it one copy is cheaper
+ * than the extra system call.
+ */
+export const ZERO_COPY_MIN = 64 * 1024;
 
 export interface SessionOptions {
   readonly export: ExportDescriptor;
@@ -454,6 +460,16 @@ class Transmission {
   ): Promise<void> {
     const dev = this.#dev;
     if (!this.#structured) {
+      if (this.#zeroCopy(length)) {
+        const range = dev.fileRange!(offset, length);
+        if (range !== undefined) {
+          if (ev.nbd_co_send_simple_reply.on) {
+            ev.nbd_co_send_simple_reply.emit(handleOf(cookieHi, cookieLo), 0, "success", length);
+          }
+          const header = allocSimpleReply(cookieHi, cookieLo, 0, 0);
+          return this.#writer.sendFile(header, range.fd, range.offset, length);
+        }
+      }
       const reply = allocSimpleReply(cookieHi, cookieLo, 0, length, POOL_GET);
       await readOrRelease(dev, reply.subarray(SIMPLE_DATA_OFFSET), offset, reply);
       if (ev.nbd_co_send_simple_reply.on) {
@@ -526,12 +542,28 @@ class Transmission {
     offset: number,
     length: number,
   ): Promise<void> {
+    if (this.#zeroCopy(length)) {
+      const range = this.#dev.fileRange!(offset, length);
+      if (range !== undefined) {
+        if (ev.nbd_co_send_structured_read.on) {
+          ev.nbd_co_send_structured_read.emit(handleOf(cookieHi, cookieLo), offset, length);
+        }
+        const header = new Uint8Array(CHUNK_DATA_OFFSET);
+        putDataChunkHeader(header, 0, cookieHi, cookieLo, offset, length, true);
+        return this.#writer.sendFile(header, range.fd, range.offset, length);
+      }
+    }
     const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true, POOL_GET);
     await readOrRelease(this.#dev, reply.subarray(CHUNK_DATA_OFFSET), offset, reply);
     if (ev.nbd_co_send_structured_read.on) {
       ev.nbd_co_send_structured_read.emit(handleOf(cookieHi, cookieLo), offset, length);
     }
     this.#writer.send(reply, POOL_PUT);
+  }
+
+  /** Whether a read of `length` may go out with sendfile (the device must still agree). */
+  #zeroCopy(length: number): boolean {
+    return length >= ZERO_COPY_MIN && this.#writer.zeroCopy && this.#dev.fileRange !== undefined;
   }
 
   async #blockStatus(

@@ -8,6 +8,7 @@
 import {
   type BlockDevice,
   type ExtentList,
+  type FileRange,
   Filter,
   type WriteFlags,
   type ZeroFlags,
@@ -27,6 +28,10 @@ export class OffsetFilter extends Filter {
   }
   override pread(buf: Uint8Array, offset: number): Promise<void> {
     return this.next.pread(buf, offset + this.#offset);
+  }
+
+  override fileRange(offset: number, length: number): FileRange | undefined {
+    return this.next.fileRange?.(offset + this.#offset, length);
   }
   override pwrite(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void> {
     return this.next.pwrite(buf, offset + this.#offset, flags);
