@@ -26,7 +26,12 @@ interface FileSend {
   readonly length: number;
 }
 
-const INITIAL_BUFFER = 256 * 1024;
+/**
+ * Read buffer sizes: small while negotiating (a thousand idle clients cost 16 MiB, not 256),
+ * large once requests flow (many headers and small payloads per read).
+ */
+const INITIAL_BUFFER = 16 * 1024;
+export const TRANSMISSION_BUFFER = 256 * 1024;
 
 /** Buffered reader over a connection. */
 export class BufferedReader {
@@ -64,6 +69,17 @@ export class BufferedReader {
   }
   get position(): number {
     return this.#r;
+  }
+
+  /** Grow the buffer to at least `size` bytes, keeping what it holds. */
+  reserve(size: number): void {
+    if (this.#buf.length >= size) return;
+    const bigger = new Uint8Array(size);
+    bigger.set(this.#buf.subarray(this.#r, this.#w));
+    this.#w -= this.#r;
+    this.#r = 0;
+    this.#buf = bigger;
+    this.#view = new DataView(bigger.buffer);
   }
 
   /** Consume `n` buffered bytes. */
@@ -164,7 +180,8 @@ export class ReplyWriter {
   #pumping = false;
   #failed: unknown = undefined;
   #idle: (() => void)[] = [];
-  #scratch = new Uint8Array(COALESCE_LIMIT * 2);
+  /** Where coalesced replies are merged; allocated on first use (idle clients never need it). */
+  #scratch: Uint8Array | undefined;
 
   constructor(conn: ByteConn) {
     this.#conn = conn;
@@ -234,14 +251,15 @@ export class ReplyWriter {
           await this.#conn.sendFile!(first, file.fd, file.offset, file.length);
         } else if (this.#queue.length > 1 && first.length < COALESCE_LIMIT) {
           // Merge consecutive small replies into the scratch buffer: one syscall for many.
+          const scratch = this.#scratch ??= new Uint8Array(COALESCE_LIMIT * 2);
           let n = 0;
           let k = 0;
           while (
             k < this.#queue.length && this.#files[k] === undefined &&
-            n + this.#queue[k]!.length <= this.#scratch.length
+            n + this.#queue[k]!.length <= scratch.length
           ) {
             const q = this.#queue[k]!;
-            this.#scratch.set(q, n);
+            scratch.set(q, n);
             n += q.length;
             this.#release[k]!(q);
             k++;
@@ -249,7 +267,7 @@ export class ReplyWriter {
           this.#queue.splice(0, k);
           this.#files.splice(0, k);
           this.#release.splice(0, k);
-          const out = this.#scratch.subarray(0, n);
+          const out = scratch.subarray(0, n);
           this.#queued -= n;
           await writeAll(this.#conn, out);
         } else {

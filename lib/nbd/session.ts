@@ -35,7 +35,7 @@ import {
   NBD_REQUEST_SIZE,
   nbdErrno,
 } from "./constants.ts";
-import { BufferedReader, type ByteConn, ReplyWriter } from "./conn_io.ts";
+import { BufferedReader, type ByteConn, ReplyWriter, TRANSMISSION_BUFFER } from "./conn_io.ts";
 import { bufferPool } from "./buffer_pool.ts";
 import {
   type ExportDescriptor,
@@ -120,6 +120,7 @@ export async function serveConnection(
   try {
     negotiated = await handshake(reader, writer, options, closeConn);
     if (negotiated === undefined) return { negotiated: false };
+    reader.reserve(TRANSMISSION_BUFFER);
     await new Transmission(reader, writer, options, negotiated).run();
     return { negotiated: true };
   } catch (e) {

@@ -52,6 +52,7 @@ function denbdDef(
   label: string,
   options: readonly string[],
   main: () => string | undefined = () => DENBD_MAIN,
+  env: readonly string[] = [],
 ): ServerDef {
   const baseline = id === "denbd-baseline";
   return {
@@ -59,6 +60,8 @@ function denbdDef(
     label,
     formats: options.length > 0 ? FILE_FORMATS : [...FILE_FORMATS, ...REMOTE_FORMATS],
     argv: (t) => [
+      // env(1) execs, so the measured pid is still the server's.
+      ...(env.length > 0 ? ["env", ...env] : []),
       Deno.execPath(),
       "run",
       ...DENO_PERMISSIONS,
@@ -77,7 +80,7 @@ function denbdDef(
         return `${file} not found`;
       }
     },
-    extra: options.length > 0 || baseline,
+    extra: options.length > 0 || baseline || env.length > 0,
   };
 }
 
@@ -156,6 +159,9 @@ export const SERVER_DEFS: readonly ServerDef[] = [
     "--aio=threads",
   ]),
   denbdDef("denbd-unsafe", "denbd (cache=unsafe)", ["--cache=unsafe"]),
+  // Data-plane threads (lib/net/data_plane.ts): none (the main thread serves), or one.
+  denbdDef("denbd-t0", "denbd (main thread only)", [], undefined, ["DENBD_THREADS=0"]),
+  denbdDef("denbd-t1", "denbd (1 data thread)", [], undefined, ["DENBD_THREADS=1"]),
   // A/B: another checkout (e.g. `git archive HEAD~1 | tar -x -C /tmp/base`), all formats.
   denbdDef("denbd-baseline", "denbd (baseline)", [], () => Deno.env.get(BASELINE_ENV)),
 ];
