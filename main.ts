@@ -58,7 +58,14 @@ async function main(args: string[]): Promise<number> {
     for (const msg of unsupported) printError(msg);
     return 1;
   }
-  if (options.fork) return await forkServer(args);
+  if (options.fork) {
+    if (options.activation > 0) {
+      // The background child is a new process: the inherited socket cannot follow it.
+      printError("--fork with socket activation is not supported yet");
+      return 1;
+    }
+    return await forkServer(args);
+  }
   const forkChild = Deno.env.get(FORK_CHILD_ENV) === "1";
   try {
     return await runServer(options, {

@@ -22,6 +22,8 @@ const SYMBOLS = {
   listen: { parameters: ["i32", "i32"], result: "i32" },
   // int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
   accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" },
+  // int socketpair(int domain, int type, int protocol, int sv[2])
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   // int connect(int fd, const struct sockaddr *addr, socklen_t len)
   connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
   // ssize_t recv(int fd, void *buf, size_t len, int flags)
@@ -145,6 +147,19 @@ export function openSocket(family: number): number {
   const fd = sock().socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) throw new SocketError(errno(), "socket");
   return fd;
+}
+
+/** A connected pair of non-blocking unix stream sockets (tests; one end for the kernel's -c). */
+export function socketPair(): [number, number] {
+  const sv = new Int32Array(2);
+  const r = sock().socketpair(
+    AF_UNIX,
+    SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+    0,
+    new Uint8Array(sv.buffer),
+  );
+  if (r !== 0) throw new SocketError(errno(), "socketpair");
+  return [sv[0]!, sv[1]!];
 }
 
 /** setsockopt(2) with an int value. */

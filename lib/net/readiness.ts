@@ -50,6 +50,22 @@ const SPIN_PROBE_US = 300;
 /** Entries of the poll ring: idle sockets beyond its completion queue park in epoll. */
 const RING_ENTRIES = 2048;
 
+/** Environment override of {@link SPIN_MAX} (0 turns spinning off), for measurements. */
+export const SPIN_ENV = "DENBD_SPIN_ROUNDS";
+
+function spinRounds(): number {
+  const v = Deno.env.get(SPIN_ENV);
+  const n = v === undefined ? NaN : Number(v);
+  return Number.isInteger(n) && n >= 0 && n <= 1 << 20 ? n : SPIN_MAX;
+}
+
+export interface ReadinessOptions {
+  /** false: park at once (tests). */
+  readonly spin?: boolean;
+  /** "epoll" even where io_uring works (tests). */
+  readonly backend?: "auto" | "epoll";
+}
+
 interface Waiter {
   readonly fd: number;
   readonly events: number;
@@ -82,18 +98,22 @@ export class ReadinessLoop {
   /** Time of the last park, for the fast-wake-up rule. */
   #parkedAt = 0;
 
-  constructor(options: { readonly spin?: boolean } = {}) {
-    if (options.spin === false) this.#budget = 0;
-    this.#spinEnabled = options.spin !== false;
-    try {
-      this.#ring = new Ring({ entries: RING_ENTRIES });
-    } catch {
-      this.#ring = undefined; // io_uring unavailable (or disabled): epoll only
+  constructor(options: ReadinessOptions = {}) {
+    this.#spinMax = options.spin === false ? 0 : spinRounds();
+    this.#budget = this.#spinMax;
+    this.#spinEnabled = this.#spinMax > 0;
+    if (options.backend !== "epoll") {
+      try {
+        this.#ring = new Ring({ entries: RING_ENTRIES });
+      } catch {
+        this.#ring = undefined; // io_uring unavailable (or disabled): epoll only
+      }
     }
     this.stats = { backend: this.#ring ? "io_uring" : "epoll", spins: 0, spinHits: 0, parks: 0 };
   }
 
   readonly #spinEnabled: boolean;
+  readonly #spinMax: number;
 
   /** Resolves when `fd` is ready for `events` (POLLIN or POLLOUT), or on a hang-up or error. */
   wait(fd: number, events: number): Promise<void> {
@@ -150,7 +170,9 @@ export class ReadinessLoop {
     this.#pending.length = 0;
     if (waiting.length === 0) return;
     if (this.#parkedAt !== 0 && this.#spinEnabled && this.#budget < SPIN_PROBE) {
-      if ((performance.now() - this.#parkedAt) * 1000 < SPIN_PROBE_US) this.#budget = SPIN_PROBE;
+      if ((performance.now() - this.#parkedAt) * 1000 < SPIN_PROBE_US) {
+        this.#budget = Math.min(SPIN_PROBE, this.#spinMax);
+      }
     }
     this.#parkedAt = 0;
     if (this.#budget > 0 && waiting.length <= 256 && this.#spin(waiting)) return;
@@ -178,7 +200,7 @@ export class ReadinessLoop {
       return false;
     }
     this.stats.spinHits++;
-    this.#budget = Math.min(SPIN_MAX, this.#budget * 2 + 16);
+    this.#budget = Math.min(this.#spinMax, this.#budget * 2 + 16);
     for (let i = 0; i < n; i++) {
       const w = waiting[i]!;
       if (v.getInt16(i * 8 + 6, true) !== 0) this.#finish(w);
