@@ -147,6 +147,12 @@ interface Mapping {
   readonly size: number;
 }
 
+/**
+ * Every open ring of this thread: the transport's readiness loop (lib/net/readiness.ts) stops
+ * spinning as soon as one of them holds a completion, so file I/O is never kept waiting.
+ */
+export const openRings: Set<Ring> = new Set();
+
 /** A submission/completion queue pair with its own fd; see the module comment. */
 export class Ring {
   /** SQ entries and CQ entries as the kernel sized them. */
@@ -260,11 +266,17 @@ export class Ring {
     this.#resolvers = new Array(this.maxInFlight).fill(undefined);
     this.#buffers = new Array(this.maxInFlight).fill(undefined);
     this.#free = Array.from({ length: this.maxInFlight }, (_, i) => this.maxInFlight - 1 - i);
+    openRings.add(this);
   }
 
   /** Operations submitted or queued and not yet completed. */
   get pending(): number {
     return this.#inFlight + this.#backlog.length - this.#backlogHead;
+  }
+
+  /** Whether completions sit in the CQ, not yet reaped (a cheap look at two ring words). */
+  get hasCompletions(): boolean {
+    return this.#cqHead[0] !== Atomics.load(this.#cqTail, 0);
   }
 
   /** True while a completion wait is parked on the blocking pool. */
@@ -591,6 +603,7 @@ export class Ring {
   /** Unmap and close: only once no parked call can return into this ring. */
   #teardown(): void {
     this.#state = "closed";
+    openRings.delete(this);
     if (this.#closeTimer !== undefined) clearTimeout(this.#closeTimer);
     for (let slot = 0; slot < this.#resolvers.length; slot++) {
       const resolve = this.#resolvers[slot];

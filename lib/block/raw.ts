@@ -103,8 +103,12 @@ export class RawDevice implements BlockDevice {
     if (n < buf.length) buf.fill(0, n);
   }
 
-  fileRange(offset: number, _length: number): FileRange | undefined {
-    return this.#zeroCopy ? { fd: this.#file.fd, offset: this.#offset + offset } : undefined;
+  fileRange(offset: number, length: number): FileRange | undefined {
+    if (!this.#zeroCopy) return undefined;
+    const at = this.#offset + offset;
+    // Known data: inside the run the last block-status query found (see #dataStart).
+    const data = at >= this.#dataStart && at + length <= this.#dataEnd;
+    return { fd: this.#file.fd, offset: at, data };
   }
 
   pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {

@@ -170,6 +170,11 @@ export interface BlockDevice {
 export interface FileRange {
   readonly fd: number;
   readonly offset: number;
+  /**
+   * The whole run is known to be data (no hole), so a structured read may answer it as one data
+   * chunk without asking for block status first. False means "not known", not "a hole".
+   */
+  readonly data: boolean;
 }
 
 /** An error with an errno value, thrown by block layers. */

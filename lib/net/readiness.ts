@@ -36,7 +36,7 @@ import {
   SocketError,
 } from "../../ffi/socket.ts";
 import { EFD_CLOEXEC, errno, libc } from "../../ffi/libc.ts";
-import { Ring } from "../../ffi/io_uring.ts";
+import { openRings, Ring } from "../../ffi/io_uring.ts";
 import { setImmediate } from "node:timers";
 
 export { POLLIN, POLLOUT };
@@ -193,8 +193,17 @@ export class ReadinessLoop {
     const poll = sock().poll;
     const buf = this.#pollfds;
     const rounds = this.#budget;
+    // File I/O in flight on this thread: its completion must not wait for the spin to end.
+    let busy: Ring[] | undefined;
+    for (const ring of openRings) {
+      if (ring !== this.#ring && ring.pending > 0) (busy ??= []).push(ring);
+    }
     let ready = 0;
-    for (let r = 0; r < rounds && ready === 0; r++) ready = poll(buf, BigInt(n), 0);
+    let r = 0;
+    for (; r < rounds && ready === 0; r++) {
+      ready = poll(buf, BigInt(n), 0);
+      if (busy !== undefined && ready === 0 && busy.some((b) => b.hasCompletions)) return false;
+    }
     if (ready <= 0) {
       this.#budget = this.#budget < 32 ? 0 : this.#budget >> 1;
       return false;
