@@ -199,10 +199,19 @@ export class ReadinessLoop {
       if (ring !== this.#ring && ring.pending > 0) (busy ??= []).push(ring);
     }
     let ready = 0;
-    let r = 0;
-    for (; r < rounds && ready === 0; r++) {
+    for (let r = 0; r < rounds && ready === 0; r++) {
       ready = poll(buf, BigInt(n), 0);
-      if (busy !== undefined && ready === 0 && busy.some((b) => b.hasCompletions)) return false;
+      if (busy !== undefined && ready === 0 && busy.some((b) => b.hasCompletions)) {
+        // Reap here (no wake-up of the parked wait needed), let their continuations run, and
+        // come back to the sockets after them.
+        for (const b of busy) b.reapNow();
+        for (const w of waiting) if (!w.done) this.#pending.push(w);
+        if (!this.#tickQueued) {
+          this.#tickQueued = true;
+          setImmediate(this.#tick);
+        }
+        return true;
+      }
     }
     if (ready <= 0) {
       this.#budget = this.#budget < 32 ? 0 : this.#budget >> 1;
