@@ -31,8 +31,8 @@ import {
   unixSockAddr,
 } from "./address.ts";
 
-/** qemu's listen backlog for qemu-nbd (its SOMAXCONN-bounded default). */
-const BACKLOG = 128;
+/** The listen backlog qemu-nbd asks for (SOMAXCONN: 4096 on current kernels; ss shows it). */
+const BACKLOG = 4096;
 
 /** A listening socket: its descriptor and what it is bound to. */
 export interface ListenSocket {
