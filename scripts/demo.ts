@@ -6,6 +6,8 @@
  * @module
  */
 
+import { DENBD_PERMISSIONS } from "../lib/permissions.ts";
+
 const dir = await Deno.makeTempDir({ prefix: "denbd-demo-" });
 const image = `${dir}/demo.img`;
 const file = await Deno.create(image);
@@ -20,18 +22,10 @@ file.close();
 
 const port = Number(Deno.env.get("DENBD_DEMO_PORT") ?? "10809");
 const main = new URL("../main.ts", import.meta.url).pathname;
-const perms = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-net",
-  "--allow-ffi",
-  "--allow-env",
-  "--allow-run",
-];
 const server = new Deno.Command(Deno.execPath(), {
   args: [
     "run",
-    ...perms,
+    ...DENBD_PERMISSIONS,
     main,
     "-f",
     "raw",

@@ -18,20 +18,11 @@ import {
   tail,
 } from "./proc.ts";
 import type { ImageFormat, ServerDef, ServeTarget } from "./types.ts";
+import { DENBD_PERMISSIONS } from "../../lib/permissions.ts";
 import { driverOf, FORMAT_INFO } from "./types.ts";
 
 /** denbd's entry point, found relative to this file so the script runs from any directory. */
 const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
-
-/** Same permissions as `deno task start`. */
-const DENO_PERMISSIONS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-net",
-  "--allow-ffi",
-  "--allow-env",
-  "--allow-run",
-];
 
 /** Image formats read from a local file. */
 const FILE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"];
@@ -64,7 +55,7 @@ function denbdDef(
       ...(env.length > 0 ? ["env", ...env] : []),
       Deno.execPath(),
       "run",
-      ...DENO_PERMISSIONS,
+      ...DENBD_PERMISSIONS,
       main() ?? DENBD_MAIN,
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
       ...options,

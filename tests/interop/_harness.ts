@@ -9,6 +9,8 @@
  * @module
  */
 
+import { DENBD_PERMISSIONS } from "../../lib/permissions.ts";
+
 /** Which server implementation a test process talks to. */
 export type ServerKind = "denbd" | "qemu-nbd";
 
@@ -18,15 +20,8 @@ export const SERVER_KIND: ServerKind = parseKind(Deno.env.get("DENBD_TEST_SERVER
 /** Path of denbd's entry point. */
 export const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
 
-/** Permissions denbd runs with (the same set as `deno task start`). */
-export const DENBD_PERMS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-net",
-  "--allow-ffi",
-  "--allow-env",
-  "--allow-run",
-];
+/** Permissions denbd runs with (lib/permissions.ts, the same set as `deno task start`). */
+export const DENBD_PERMS: readonly string[] = DENBD_PERMISSIONS;
 
 /** The python interpreter that has the `nbd` (libnbd) module. */
 export const PYTHON = "/usr/bin/python3";
