@@ -37,7 +37,7 @@ import {
   PROT_WRITE,
   strerror,
 } from "./libc.ts";
-import { BlockError } from "../lib/block/types.ts";
+import { BlockError } from "../lib/errors.ts";
 
 // x86_64 syscall numbers (the same on every architecture that uses the generic table).
 const SYS_io_uring_setup = 425n;

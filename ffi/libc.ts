@@ -8,7 +8,7 @@
  * @module
  */
 
-import { BlockError } from "../lib/block/types.ts";
+import { BlockError } from "../lib/errors.ts";
 
 const SYMBOLS = {
   // int open(const char *path, int flags, mode_t mode)

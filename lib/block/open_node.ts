@@ -21,7 +21,8 @@ import {
 } from "../cli/filename.ts";
 import { parseSize } from "../cli/numbers.ts";
 import { QEMU_DRIVERS } from "../cli/image_opts.ts";
-import { type FileEngine, openFileEngine, type OpenOptions } from "../io/file_engine.ts";
+import type { FileEngine, OpenOptions } from "../io/file_engine.ts";
+import { openFileEngine } from "../io/engine_factory.ts";
 import { OffsetFilter } from "./filters/offset.ts";
 import { ProbeGuardFilter } from "./filters/probe_guard.ts";
 import { DeviceFile } from "./protocols/device_file.ts";

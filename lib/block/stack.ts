@@ -12,7 +12,8 @@
  */
 
 import type { ServerOptions } from "../cli/options.ts";
-import { type FileEngine, openFileEngine } from "../io/file_engine.ts";
+import type { FileEngine } from "../io/file_engine.ts";
+import { openFileEngine } from "../io/engine_factory.ts";
 import { UnsafeCacheFilter, WriteThroughFilter } from "./filters/cache_mode.ts";
 import { DetectZeroesFilter } from "./filters/detect_zeroes.ts";
 import { DiscardIgnoreFilter } from "./filters/discard.ts";
@@ -42,12 +43,12 @@ export interface OpenedImage {
   readonly probed: boolean;
 }
 
-/** --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads. */
+/**
+ * --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads.
+ * --aio=native without --cache=none|directsync fails each file's open, as in qemu-nbd (the
+ * engine factory refuses it once the file is open).
+ */
 function engineOptions(options: ServerOptions, warn: (msg: string) => void): EngineOptions {
-  if (options.aio === "native") {
-    // Refused by unsupportedOptions() before anything is opened.
-    throw new BlockError(Errno.ENOTSUP, "--aio=native is not supported yet");
-  }
   return {
     direct: options.cache === "none" || options.cache === "directsync",
     aio: options.aio,
@@ -118,8 +119,10 @@ async function openSnapshotOverlay(
   try {
     const path = await createTempOverlay({ size: base.size });
     try {
-      // A temporary file whose flushes are ignored: it always goes through the page cache.
-      file = openFileEngine(path, { ...engine, writable: true, direct: false });
+      // A temporary file whose flushes are ignored: it always goes through the page cache
+      // (so not through Linux AIO, which needs O_DIRECT: --aio=native uses the default there).
+      const aio = engine.aio === "native" ? "auto" : engine.aio;
+      file = openFileEngine(path, { ...engine, aio, writable: true, direct: false });
     } finally {
       await Deno.remove(path).catch(() => {});
     }

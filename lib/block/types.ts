@@ -177,38 +177,8 @@ export interface FileRange {
   readonly data: boolean;
 }
 
-/** An error with an errno value, thrown by block layers. */
-export class BlockError extends Error {
-  /** Linux errno value (EIO=5, EPERM=1, EINVAL=22, ENOSPC=28, ENOTSUP=95, ...). */
-  readonly errno: number;
-  constructor(errno: number, message: string) {
-    super(message);
-    this.name = "BlockError";
-    this.errno = errno;
-  }
-}
-
-/** errno values used across the block layer. */
-export const Errno = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  EBADF: 9,
-  ENOMEM: 12,
-  EACCES: 13,
-  EEXIST: 17,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  ESPIPE: 29,
-  EROFS: 30,
-  EOVERFLOW: 75,
-  EOPNOTSUPP: 95,
-  ENOTSUP: 95,
-  ESHUTDOWN: 108,
-  EDQUOT: 122,
-  ENXIO: 6,
-} as const;
+// Defined below ffi/ and lib/io/, which throw them too (see lib/errors.ts).
+export { BlockError, Errno } from "../errors.ts";
 
 /**
  * Base class for filters: forwards everything to the next layer. A filter overrides only what it

@@ -218,8 +218,9 @@ const SECTIONS: readonly HelpSection[] = [
         id: "aio",
         usage: "    --aio=MODE",
         text: [
-          "I/O engine: 'threads' or 'io_uring' (default:",
-          "io_uring where the kernel allows it, else threads)",
+          "I/O engine: 'threads', 'io_uring' (default where",
+          "the kernel allows it, else threads) or 'native'",
+          "(Linux AIO; needs --cache=none or directsync)",
         ],
       },
       {

@@ -6,7 +6,10 @@
  */
 
 export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "unsafe";
-/** --aio MODE; "auto" when --aio is not given (io_uring where the kernel allows it, else threads). */
+/**
+ * --aio MODE; "auto" when --aio is not given (io_uring where the kernel allows it, else threads).
+ * "native" is Linux AIO, which needs --cache=none or directsync.
+ */
 export type AioMode = "threads" | "native" | "io_uring" | "auto";
 export type DiscardMode = "ignore" | "unmap";
 export type DetectZeroesMode = "off" | "on" | "unmap";

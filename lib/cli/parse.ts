@@ -635,7 +635,6 @@ const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message:
   [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
   [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
-  [(o) => o.aio === "native", "--aio=native is not supported yet"],
 ];
 
 /** --image-opts keys denbd acts on; any other key is reported as not supported yet. */

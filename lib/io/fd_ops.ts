@@ -15,7 +15,7 @@ import {
   SEEK_END,
   SEEK_HOLE,
 } from "../../ffi/libc.ts";
-import { BlockError, Errno } from "../block/types.ts";
+import { BlockError, Errno } from "../errors.ts";
 
 const ENOSYS = 38;
 

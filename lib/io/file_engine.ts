@@ -1,7 +1,10 @@
 /**
- * Positional file I/O behind one small interface, so engines (threads through `nonblocking` FFI,
- * io_uring in uring_engine.ts) are interchangeable. Everything here works on a raw fd opened with
- * FFI `open()`.
+ * Positional file I/O behind one small interface, so engines (threads through `nonblocking` FFI
+ * here, io_uring in uring_engine.ts, Linux AIO in aio_engine.ts, all of them optionally under
+ * the O_DIRECT engine of direct_engine.ts) are interchangeable. Everything here works on a raw fd
+ * opened with FFI `open()`. This module holds the interface, the shared option types and the
+ * thread engine; engine_factory.ts chooses and builds an engine from the options, so the engines
+ * import this module and nothing here imports them.
  *
  * @module
  */
@@ -18,8 +21,7 @@ import {
   O_RDWR,
   openFile,
 } from "../../ffi/libc.ts";
-import { BlockError, Errno } from "../block/types.ts";
-import { DirectFileEngine } from "./direct_engine.ts";
+import { Errno } from "../errors.ts";
 import {
   fallocateError,
   fdLength,
@@ -29,14 +31,12 @@ import {
   fdTruncate,
 } from "./fd_ops.ts";
 import { PageCacheShortcut } from "./page_cache.ts";
-import { UringFileEngine } from "./uring_engine.ts";
-import { IoUringUnavailableError } from "../../ffi/io_uring.ts";
 
 /**
- * Which engine moves the bytes: the thread engine, the io_uring engine, or "auto" (io_uring
- * where the kernel allows it, else threads).
+ * Which engine moves the bytes: the thread engine, the io_uring engine, Linux AIO ("native",
+ * O_DIRECT only), or "auto" (io_uring where the kernel allows it, else threads).
  */
-export type EngineChoice = "threads" | "io_uring" | "auto";
+export type EngineChoice = "threads" | "io_uring" | "native" | "auto";
 
 /** How an image file is opened. */
 export interface OpenOptions {
@@ -45,7 +45,7 @@ export interface OpenOptions {
   readonly direct?: boolean;
   /** Use this already open descriptor instead of opening `path` (engines layered on one fd). */
   readonly fd?: number;
-  /** Engine for {@linkcode openFileEngine} (default "threads"). */
+  /** Engine for openFileEngine (engine_factory.ts; default "threads"). */
   readonly aio?: EngineChoice;
   /** Where "auto" says, once per process, that it fell back to threads (-v's stderr). */
   readonly log?: (msg: string) => void;
@@ -197,38 +197,4 @@ export class ThreadFileEngine implements FileEngine {
     const err = r < 0 ? errno() : Errno.EIO;
     throw errnoError(`${what} '${this.path}' at ${offset}+${length}`, err);
   }
-}
-
-/** Why io_uring could not be set up, once it failed ("auto" then stops trying). */
-let uringUnavailable: string | undefined;
-let fallbackReported = false;
-
-/**
- * Open an image file with the engine `options.aio` asks for, wrapped in the O_DIRECT engine for
- * `direct`. "io_uring" fails when io_uring cannot be set up; "auto" then falls back to threads.
- */
-export function openFileEngine(path: string, options: OpenOptions): FileEngine {
-  const { writable, direct } = options;
-  const aio = options.aio ?? "threads";
-  if (aio !== "threads" && uringUnavailable === undefined) {
-    const uring = (fd?: number) => new UringFileEngine(path, { writable, direct, fd });
-    try {
-      return direct ? new DirectFileEngine(path, writable, { inner: uring }) : uring();
-    } catch (e) {
-      if (!(e instanceof IoUringUnavailableError)) throw e;
-      uringUnavailable = e.message;
-    }
-  }
-  if (aio === "io_uring") {
-    throw new BlockError(
-      Errno.ENOTSUP,
-      `Could not use --aio=io_uring for '${path}': ${uringUnavailable}`,
-    );
-  }
-  if (aio === "auto" && !fallbackReported) {
-    fallbackReported = true;
-    options.log?.(`io_uring is not available (${uringUnavailable}); using the thread engine`);
-  }
-  if (direct) return new DirectFileEngine(path, writable);
-  return new ThreadFileEngine(path, options);
 }

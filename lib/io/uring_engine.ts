@@ -24,7 +24,7 @@ import {
   O_RDWR,
   openFile,
 } from "../../ffi/libc.ts";
-import { Errno } from "../block/types.ts";
+import { Errno } from "../errors.ts";
 import type { FileEngine, OpenOptions } from "./file_engine.ts";
 import {
   fallocateError,

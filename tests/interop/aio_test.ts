@@ -252,13 +252,6 @@ Deno.test({
         r.stderr,
         /^denbd: Failed to blk_new_open '.*a\.img': Could not use --aio=io_uring for '.*a\.img': io_uring_setup: Operation not permitted \(disabled by DENBD_IO_URING_DISABLE\)\n$/,
       );
-      // --aio=native stays refused, whatever io_uring can do.
-      const t = await run(
-        [...serverArgv("denbd"), "-f", "raw", "-k", `${dir}/s.sock`, "--aio=native", image],
-        { env: DISABLE_ENV, timeoutMs: 15_000 },
-      );
-      assert.equal(t.code, 1);
-      assert.match(t.stderr, /--aio=native is not supported yet/);
     });
   },
 });

@@ -12,7 +12,7 @@ import { CopyOnReadFilter } from "../../lib/block/filters/copy_on_read.ts";
 import { openQcow2, type Qcow2Device } from "../../lib/block/qcow2/mod.ts";
 import { RawDevice } from "../../lib/block/raw.ts";
 import { type BlockDevice, BlockError, ExtentList, STATE_ZERO } from "../../lib/block/types.ts";
-import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { openImage } from "../unit/_qcow2_helpers.ts";
 import { patternBytes, PYTHON, run, runOk, withTempDir } from "./_harness.ts";
 

@@ -5,7 +5,7 @@
 
 import { RawDevice } from "../../lib/block/raw.ts";
 import { type BlockDevice, ExtentList } from "../../lib/block/types.ts";
-import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import {
   type BackingChain,
   isQcow2,

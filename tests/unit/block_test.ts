@@ -1,7 +1,7 @@
 // The raw driver and the filters on real sparse files (FFI file engine), without the protocol.
 import assert from "node:assert/strict";
 import { RawDevice } from "../../lib/block/raw.ts";
-import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { BlockError, ExtentList, STATE_HOLE, STATE_ZERO } from "../../lib/block/types.ts";
 import { DetectZeroesFilter, isZero } from "../../lib/block/filters/detect_zeroes.ts";
 import { DiscardIgnoreFilter } from "../../lib/block/filters/discard.ts";

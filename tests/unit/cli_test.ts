@@ -156,9 +156,8 @@ Deno.test("cli: cache, aio, discard aliases", () => {
   assert.equal(serve(["--discard", "ignore", "f"]).discard, "ignore");
   assert.equal(serve(["--aio=threads", "f"]).aio, "threads");
   assert.equal(serve(["--detect-zeroes=on", "--detect-zeroes=off", "f"]).detectZeroes, "off");
-  assert.deepEqual(unsupportedOptions(serve(["--aio=native", "f"])), [
-    "--aio=native is not supported yet",
-  ]);
+  assert.equal(serve(["--aio=native", "f"]).aio, "native");
+  assert.deepEqual(unsupportedOptions(serve(["--aio=native", "f"])), []);
   assert.equal(serve(["--aio=io_uring", "f"]).aio, "io_uring");
   assert.deepEqual(unsupportedOptions(serve(["--aio=io_uring", "f"])), []);
   rejects(["--aio=auto", "f"], "Invalid aio mode 'auto'"); // the default has no name, as in qemu

@@ -16,7 +16,8 @@ import {
 } from "../../ffi/libc.ts";
 import { BlockError } from "../../lib/block/types.ts";
 import { DirectFileEngine, probeDirectAlignment } from "../../lib/io/direct_engine.ts";
-import { openFileEngine, ThreadFileEngine } from "../../lib/io/file_engine.ts";
+import { ThreadFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { sharedRingClosed, UringFileEngine } from "../../lib/io/uring_engine.ts";
 import { InlineWriteBackoff } from "../../lib/io/page_cache.ts";
 

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { openQcow2, type Qcow2Device } from "../../lib/block/qcow2/mod.ts";
 import { BlockError } from "../../lib/block/types.ts";
-import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { openImage, run } from "./_qcow2_helpers.ts";
 
 const C = 64 * 1024;

@@ -18,7 +18,7 @@ import {
 } from "../../lib/block/qcow2/create.ts";
 import { parseHeader } from "../../lib/block/qcow2/header.ts";
 import { BlockError, Errno } from "../../lib/block/types.ts";
-import { openFileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { firstDiff, qemuIo, run } from "./_qcow2_helpers.ts";
 
 const dir = await Deno.makeTempDir({ prefix: "qcow2-create-" });

@@ -7,7 +7,8 @@
 import assert from "node:assert/strict";
 import { openQcow2, type Qcow2Device } from "../../lib/block/qcow2/mod.ts";
 import { BlockError, Errno, ExtentList } from "../../lib/block/types.ts";
-import { type FileEngine, openFileEngine } from "../../lib/io/file_engine.ts";
+import type { FileEngine } from "../../lib/io/file_engine.ts";
+import { openFileEngine } from "../../lib/io/engine_factory.ts";
 import { collect, firstDiff, openImage, qemuIo, qemuRaw, readAll, run } from "./_qcow2_helpers.ts";
 
 const dir = await Deno.makeTempDir({ prefix: "qcow2-errors-" });
