@@ -111,6 +111,11 @@ export class RawDevice implements BlockDevice {
     return { fd: this.#file.fd, offset: at, data };
   }
 
+  writeRange(offset: number, _length: number): FileRange | undefined {
+    if (!this.#zeroCopy || !this.caps.writable) return undefined;
+    return { fd: this.#file.fd, offset: this.#offset + offset, data: false };
+  }
+
   pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {
     return this.#file.pwrite(buf, this.#offset + offset);
   }

@@ -162,6 +162,11 @@ export interface BlockDevice {
    * past the end of that file read as zeroes.
    */
   fileRange?(offset: number, length: number): FileRange | undefined;
+  /**
+   * Where a plain write (no FUA) of `[offset, offset+length)` may go straight into a host file,
+   * unchanged, with nothing else to do; undefined when it must take pwrite.
+   */
+  writeRange?(offset: number, length: number): FileRange | undefined;
   /** Release resources. Called once, after the last request. */
   close(): Promise<void>;
 }
@@ -224,6 +229,11 @@ export class Filter implements BlockDevice {
   fileRange(offset: number, length: number): FileRange | undefined {
     if (this.pread !== Filter.prototype.pread) return undefined;
     return this.next.fileRange?.(offset, length);
+  }
+  /** Forwarded only by filters that do not override pwrite (the same rule as fileRange). */
+  writeRange(offset: number, length: number): FileRange | undefined {
+    if (this.pwrite !== Filter.prototype.pwrite) return undefined;
+    return this.next.writeRange?.(offset, length);
   }
   /** Forwarded; a layer below with no backing chain reports depth 1 everywhere. */
   allocationDepth(offset: number, length: number, out: ExtentList): Promise<void> {

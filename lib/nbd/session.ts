@@ -324,6 +324,10 @@ class Transmission {
           continue;
         }
         if (req.type === NBD_CMD_READ && this.#fastRead(req)) continue;
+        if (payload !== undefined && this.#fastWrite(req, payload)) {
+          bufferPool.put(payload);
+          continue;
+        }
         this.#start(
           req.type,
           req.flags,
@@ -602,6 +606,22 @@ class Transmission {
       return false;
     }
     this.#writer.send(reply, POOL_PUT);
+    return true;
+  }
+
+  /**
+   * A plain WRITE done at once: the device lets it go straight into the file, and the inline
+   * page-cache write (pwritev2, with its back-off when writes stall) takes it. Otherwise the
+   * general path runs it.
+   */
+  #fastWrite(r: Request, payload: Uint8Array): boolean {
+    const dev = this.#dev;
+    if (dev.writeRange === undefined || (r.flags & NBD_CMD_FLAG_FUA) !== 0) return false;
+    if (ev.nbd_co_send_simple_reply.on) return false;
+    const range = dev.writeRange(r.offset, r.length);
+    if (range === undefined) return false;
+    if (this.#cacheFor(range.fd).write(payload, range.offset) !== r.length) return false;
+    this.#writer.send(allocSimpleReply(r.cookieHi, r.cookieLo, 0, 0));
     return true;
   }
 

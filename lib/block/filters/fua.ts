@@ -5,12 +5,16 @@
  * @module
  */
 
-import { Filter, type WriteFlags, type ZeroFlags } from "../types.ts";
+import { type FileRange, Filter, type WriteFlags, type ZeroFlags } from "../types.ts";
 
 export class FuaEmulationFilter extends Filter {
   override async pwrite(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void> {
     await this.next.pwrite(buf, offset, flags);
     if (flags.fua) await this.next.flush();
+  }
+  /** A plain write passes through unchanged (FUA writes never take writeRange). */
+  override writeRange(offset: number, length: number): FileRange | undefined {
+    return this.next.writeRange?.(offset, length);
   }
   override async zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     await this.next.zero(offset, length, flags);
