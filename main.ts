@@ -13,18 +13,10 @@ import type { ServerOptions } from "./lib/cli/options.ts";
 import { runServer } from "./lib/server.ts";
 import { formatExportList, listExports } from "./lib/nbd/list_client.ts";
 import { libc, O_RDWR, openFile } from "./ffi/libc.ts";
+import { DENBD_PERMISSIONS } from "./lib/permissions.ts";
 
 /** Set in the --fork child: it reports readiness on stdout and then stays quiet there. */
 const FORK_CHILD_ENV = "DENBD_FORK_CHILD";
-/** The permissions denbd runs with (the same set as `deno task start` and `deno task compile`). */
-const PERMISSIONS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-net",
-  "--allow-ffi",
-  "--allow-env",
-  "--allow-run",
-];
 
 function printError(msg: string): void {
   console.error(`${PROGRAM}: ${msg}`);
@@ -144,7 +136,7 @@ async function forkServer(args: string[]): Promise<number> {
   const viaDeno = /(^|\/)deno$/.test(self);
   const cmd = new Deno.Command(self, {
     args: viaDeno
-      ? ["run", ...PERMISSIONS, new URL(import.meta.url).pathname, ...childArgs]
+      ? ["run", ...DENBD_PERMISSIONS, new URL(import.meta.url).pathname, ...childArgs]
       : childArgs,
     env: { [FORK_CHILD_ENV]: "1" },
     stdin: "null",
