@@ -89,6 +89,12 @@ interface Backlogged {
   readonly resolve: (res: number) => void;
 }
 
+/**
+ * Every open context of this thread, for a readiness loop that spins (as openRings in
+ * ffi/io_uring.ts): it can stop as soon as one of them holds a completion.
+ */
+export const openAioContexts: Set<AioContext> = new Set();
+
 /** One Linux AIO context with its eventfd; see the module comment. */
 export class AioContext {
   /** At most this many operations are in the kernel at once. */
@@ -170,11 +176,29 @@ export class AioContext {
     this.#resolvers = new Array(entries).fill(undefined);
     this.#buffers = new Array(entries).fill(undefined);
     this.#free = Array.from({ length: entries }, (_, i) => entries - 1 - i);
+    openAioContexts.add(this);
   }
 
   /** Operations submitted or queued and not yet completed. */
   get pending(): number {
     return this.#inFlight + this.#backlog.length - this.#backlogHead;
+  }
+
+  /** Whether completions wait in the ring, not yet reaped (a look at two ring words). */
+  get hasCompletions(): boolean {
+    return this.#state !== "closed" && this.#inFlight > 0 && this.#ringHasEvents();
+  }
+
+  /**
+   * Reap whatever completions are there now, on this thread, without waiting (the parked wait
+   * finds them gone and parks again), and submit what they queued. For a readiness loop that
+   * spins: a completion then costs no thread wake-up (as Ring.reapNow in ffi/io_uring.ts).
+   */
+  reapNow(): number {
+    if (this.#state === "closed") return 0;
+    const n = this.#reap();
+    if (this.#unsubmitted.length > 0) this.#submit();
+    return n;
   }
 
   /** True while a completion wait is parked on the blocking pool. */
@@ -426,6 +450,7 @@ export class AioContext {
   /** io_destroy and close: only once no parked read can return into this context. */
   #teardown(): void {
     this.#state = "closed";
+    openAioContexts.delete(this);
     if (this.#closeTimer !== undefined) clearTimeout(this.#closeTimer);
     for (let slot = 0; slot < this.#resolvers.length; slot++) {
       const resolve = this.#resolvers[slot];

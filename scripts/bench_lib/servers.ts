@@ -144,6 +144,21 @@ export const SERVER_DEFS: readonly ServerDef[] = [
     "--cache=none",
     "--aio=threads",
   ]),
+  denbdDef("denbd-native-none", "denbd (cache=none, aio=native)", [
+    "--cache=none",
+    "--aio=native",
+  ]),
+  {
+    id: "qemu-nbd-native-none",
+    label: "qemu-nbd (cache=none, aio=native)",
+    formats: FILE_FORMATS,
+    argv: (t) => [
+      "qemu-nbd",
+      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0"],
+      ...["--cache=none", "--aio=native", t.image],
+    ],
+    extra: true,
+  },
   denbdDef("denbd-writethrough", "denbd (cache=writethrough)", ["--cache=writethrough"]),
   denbdDef("denbd-threads-writethrough", "denbd (cache=writethrough, aio=threads)", [
     "--cache=writethrough",

@@ -4,7 +4,7 @@
 // operations in flight than the context holds, RWF_NOWAIT refusals moved to the blocking pool,
 // closing with operations in flight, and the factory's refusals in qemu-nbd's words.
 import assert from "node:assert/strict";
-import { AioContext, DISABLE_ENV } from "../../ffi/linux_aio.ts";
+import { AioContext, DISABLE_ENV, openAioContexts } from "../../ffi/linux_aio.ts";
 import { DISABLE_ENV as URING_DISABLE_ENV } from "../../ffi/io_uring.ts";
 import { libc, O_DIRECT, O_RDONLY, O_RDWR, openFile } from "../../ffi/libc.ts";
 import { BlockError } from "../../lib/errors.ts";
@@ -63,7 +63,11 @@ async function withFile(
     await f.truncate(content);
     f.close();
   } else {
-    await Deno.writeFile(path, content);
+    // Written back, so O_DIRECT with RWF_NOWAIT finds no dirty page cache to wait for.
+    await using f = await Deno.create(path);
+    let at = 0;
+    while (at < content.length) at += await f.write(content.subarray(at));
+    await f.syncData();
   }
   try {
     await fn(path);
@@ -257,6 +261,38 @@ test("writes into a hole (RWF_NOWAIT refused) still land, through the blocking p
       const direct = aioStats.aio - before.aio;
       assert.ok(moved + direct >= 4, `aio ${direct}, fallback ${moved}`);
     });
+  });
+});
+
+test("a spinning loop can see completions and reap them itself (hasCompletions, reapNow)", async () => {
+  await withFile(pattern(1 << 16, 6), async (path) => {
+    const ctx = new AioContext({ entries: 16 });
+    assert.ok(openAioContexts.has(ctx));
+    const fd = openFile(path, O_RDONLY | O_DIRECT);
+    try {
+      const bufs = Array.from({ length: 8 }, () => alignedBuffer(4096, 4096));
+      let settled = 0;
+      const reads = bufs.map((b, i) => ctx.read(fd, b, i * 4096).then((n) => (settled++, n)));
+      // Let the submission happen (a microtask), then look without yielding to the event loop,
+      // so the parked eventfd read cannot be what completes them.
+      await Promise.resolve();
+      assert.equal(settled, 0, "nothing completed inline");
+      const deadline = performance.now() + 2000;
+      while (!ctx.hasCompletions && performance.now() < deadline) {
+        // Busy-wait: the kernel completes O_DIRECT reads without this thread.
+      }
+      assert.ok(ctx.hasCompletions, "completions seen in the ring");
+      let reaped = 0;
+      for (let i = 0; i < 1000 && reaped < 8; i++) reaped += ctx.reapNow();
+      assert.ok(reaped > 0, "reapNow reaped");
+      assert.deepEqual(await Promise.all(reads), new Array(8).fill(4096));
+      assert.equal(settled, 8);
+      assert.deepEqual(bufs[3], pattern(1 << 16, 6).subarray(3 * 4096, 4 * 4096));
+    } finally {
+      await bounded(ctx.close(), 3000, "ctx.close()");
+      libc().close(fd);
+    }
+    assert.ok(!openAioContexts.has(ctx));
   });
 });
 
