@@ -37,6 +37,13 @@ import {
 } from "../../ffi/socket.ts";
 import { EFD_CLOEXEC, errno, libc } from "../../ffi/libc.ts";
 import { openRings, Ring } from "../../ffi/io_uring.ts";
+import { openAioContexts } from "../../ffi/linux_aio.ts";
+
+/** A file-I/O completion queue of this thread (an io_uring ring, a Linux AIO context). */
+interface CompletionSource {
+  readonly hasCompletions: boolean;
+  reapNow(): number;
+}
 import { setImmediate } from "node:timers";
 
 export { POLLIN, POLLOUT };
@@ -194,10 +201,11 @@ export class ReadinessLoop {
     const buf = this.#pollfds;
     const rounds = this.#budget;
     // File I/O in flight on this thread: its completion must not wait for the spin to end.
-    let busy: Ring[] | undefined;
+    let busy: CompletionSource[] | undefined;
     for (const ring of openRings) {
       if (ring !== this.#ring && ring.pending > 0) (busy ??= []).push(ring);
     }
+    for (const ctx of openAioContexts) if (ctx.pending > 0) (busy ??= []).push(ctx);
     let ready = 0;
     for (let r = 0; r < rounds && ready === 0; r++) {
       ready = poll(buf, BigInt(n), 0);
