@@ -36,7 +36,7 @@ export function activationConflict(given: {
 }): string | undefined {
   if (given.device) return "NBD device can't be set when using socket activation";
   if (given.socket) return "Unix socket can't be set when using socket activation";
-  if (given.bind) return "TCP address can't be set when using socket activation";
+  if (given.bind) return "The interface can't be set when using socket activation";
   if (given.port) return "TCP port number can't be set when using socket activation";
   return undefined;
 }
