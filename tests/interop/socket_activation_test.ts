@@ -131,7 +131,8 @@ async function eventually<T>(ms: number, fn: () => Promise<T>): Promise<T> {
   }
 }
 
-const KINDS: readonly ServerKind[] = ["qemu-nbd", SERVER_KIND];
+// Each kind once: with DENBD_TEST_SERVER=qemu-nbd both names are qemu-nbd (and would share paths).
+const KINDS: readonly ServerKind[] = [...new Set<ServerKind>(["qemu-nbd", SERVER_KIND])];
 
 async function makeDisk(dir: string): Promise<string> {
   const disk = `${dir}/disk.raw`;
