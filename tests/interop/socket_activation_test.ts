@@ -131,8 +131,7 @@ async function eventually<T>(ms: number, fn: () => Promise<T>): Promise<T> {
   }
 }
 
-// Each kind once: with DENBD_TEST_SERVER=qemu-nbd both names are qemu-nbd (and would share paths).
-const KINDS: readonly ServerKind[] = [...new Set<ServerKind>(["qemu-nbd", SERVER_KIND])];
+const KINDS: readonly ServerKind[] = ["qemu-nbd", SERVER_KIND];
 
 async function makeDisk(dir: string): Promise<string> {
   const disk = `${dir}/disk.raw`;
@@ -187,9 +186,10 @@ Deno.test("socket activation: nbdcopy from and to [ SERVER -f raw disk.raw ]", a
 Deno.test("socket activation: an inherited unix or TCP listener on fd 3 is served", async () => {
   await withTempDir(async (dir) => {
     const disk = await makeDisk(dir);
-    for (const kind of KINDS) {
+    // Paths by position: under DENBD_TEST_SERVER=qemu-nbd both kinds are qemu-nbd.
+    for (const [i, kind] of KINDS.entries()) {
       for (const transport of ["unix", "tcp"] as const) {
-        const path = `${dir}/act-${kind}-${transport}.sock`;
+        const path = `${dir}/act-${i}-${kind}-${transport}.sock`;
         const port = freePort();
         const sock = transport === "unix" ? `unix:${path}` : `tcp:${port}`;
         const uri = transport === "unix"
