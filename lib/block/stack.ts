@@ -34,6 +34,7 @@ import {
   probeFileFormat,
 } from "./open_node.ts";
 import { hasProtocol } from "../cli/filename.ts";
+import { denbd_engine_fallback } from "../trace/events.ts";
 
 /** What the stack builder hands back. */
 export interface OpenedImage {
@@ -44,15 +45,20 @@ export interface OpenedImage {
 }
 
 /**
- * --cache and --aio as file-engine options; -v reports a fallback from io_uring to threads.
+ * --cache and --aio as file-engine options; a fallback from io_uring to threads is said once
+ * through -T's denbd_engine_fallback (qemu-nbd's -v prints nothing of the kind).
  * --aio=native without --cache=none|directsync fails each file's open, as in qemu-nbd (the
  * engine factory refuses it once the file is open).
  */
-function engineOptions(options: ServerOptions, warn: (msg: string) => void): EngineOptions {
+function reportEngineFallback(msg: string): void {
+  if (denbd_engine_fallback.on) denbd_engine_fallback.emit(msg);
+}
+
+function engineOptions(options: ServerOptions): EngineOptions {
   return {
     direct: options.cache === "none" || options.cache === "directsync",
     aio: options.aio,
-    log: options.verbose ? warn : undefined,
+    log: reportEngineFallback,
   };
 }
 
@@ -61,7 +67,7 @@ export async function openExportStack(
   options: ServerOptions,
   warn: (msg: string) => void,
 ): Promise<OpenedImage> {
-  const engine = engineOptions(options, warn);
+  const engine = engineOptions(options);
   try {
     const opened = await openImage(options, engine, warn);
     if (!options.snapshot) {

@@ -221,6 +221,14 @@ export const denbd_request_failed = new TraceEvent(
   (handle: bigint, command: string, msg: string) =>
     `request failed: handle = ${handle}, command = ${command}: ${msg}`,
 );
+/**
+ * The default engine fell back to threads (io_uring unavailable). A trace point, not a -v line:
+ * qemu-nbd -v prints nothing of the kind, and QEMU's iotests compare -v output byte for byte.
+ */
+export const denbd_engine_fallback = new TraceEvent(
+  "denbd_engine_fallback",
+  (msg: string) => msg,
+);
 export const denbd_internal_error = new TraceEvent(
   "denbd_internal_error",
   (detail: string) => `unexpected exception (a denbd bug): ${detail}`,
