@@ -24,8 +24,6 @@ const SYMBOLS = {
   accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" },
   // int socketpair(int domain, int type, int protocol, int sv[2])
   socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-  // int connect(int fd, const struct sockaddr *addr, socklen_t len)
-  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
   // ssize_t recv(int fd, void *buf, size_t len, int flags)
   recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   // ssize_t send(int fd, const void *buf, size_t len, int flags)
@@ -82,9 +80,6 @@ export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
 export const SO_REUSEADDR = 2;
-export const SO_TYPE = 3;
-export const SO_ERROR = 4;
-export const SO_SNDBUF = 7;
 export const SO_ACCEPTCONN = 30;
 export const IPPROTO_TCP = 6;
 export const IPPROTO_IPV6 = 41;
@@ -106,7 +101,6 @@ export const POLLIN = 0x1;
 export const POLLOUT = 0x4;
 export const POLLERR = 0x8;
 export const POLLHUP = 0x10;
-export const POLLRDHUP = 0x2000;
 
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
@@ -117,7 +111,6 @@ export const EPOLL_CLOEXEC = 0o2000000;
 export const EINTR = 4;
 export const EAGAIN = 11;
 export const EPIPE = 32;
-export const EINPROGRESS = 115;
 export const ECONNRESET = 104;
 export const EADDRINUSE = 98;
 

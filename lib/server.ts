@@ -10,6 +10,8 @@
 
 import type { ServerOptions } from "./cli/options.ts";
 import { openExportStack } from "./block/stack.ts";
+import type { BlockDevice } from "./block/types.ts";
+import type { ExportDescriptor } from "./nbd/handshake.ts";
 import { describeExport, resolveExportBitmaps } from "./nbd/export.ts";
 import { PROGRAM } from "./cli/errors.ts";
 import { startTracing } from "./trace/trace_option.ts";
@@ -46,13 +48,7 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     await device.close();
     throw e;
   }
-  const exp = describeExport(device, {
-    name: options.exportName,
-    description: options.description,
-    shared: options.shared,
-    allocationDepth: options.allocationDepth,
-    bitmaps: options.bitmaps,
-  });
+  const exp = describeServedExport(device, options);
   const address: ListenAddress = options.activation > 0
     ? { transport: "fd", fd: FIRST_ACTIVATION_FD }
     : options.socket !== undefined
@@ -108,6 +104,20 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
     if (address.transport === "unix") removeStaleSocket(address.path);
   }
   return 0;
+}
+
+/** What the handshake advertises for the export the options name (here and in data threads). */
+export function describeServedExport(
+  device: BlockDevice,
+  options: ServerOptions,
+): ExportDescriptor {
+  return describeExport(device, {
+    name: options.exportName,
+    description: options.description,
+    shared: options.shared,
+    allocationDepth: options.allocationDepth,
+    bitmaps: options.bitmaps,
+  });
 }
 
 /** qemu unlinks an existing socket file before binding; do the same, but only for sockets. */

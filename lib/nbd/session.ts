@@ -9,7 +9,13 @@
  * @module
  */
 
-import { type BlockBitmap, type BlockDevice, ExtentList, STATE_ZERO } from "../block/types.ts";
+import {
+  type BlockBitmap,
+  type BlockDevice,
+  ExtentList,
+  type FileRange,
+  STATE_ZERO,
+} from "../block/types.ts";
 import {
   commandName,
   META_ID_ALLOCATION_DEPTH,
@@ -473,8 +479,7 @@ class Transmission {
           if (ev.nbd_co_send_simple_reply.on) {
             ev.nbd_co_send_simple_reply.emit(handleOf(cookieHi, cookieLo), 0, "success", length);
           }
-          const header = allocSimpleReply(cookieHi, cookieLo, 0, 0);
-          return this.#writer.sendFile(header, range.fd, range.offset, length);
+          return this.#sendFromFile(cookieHi, cookieLo, offset, length, range);
         }
       }
       const reply = allocSimpleReply(cookieHi, cookieLo, 0, length, POOL_GET);
@@ -555,9 +560,7 @@ class Transmission {
         if (ev.nbd_co_send_structured_read.on) {
           ev.nbd_co_send_structured_read.emit(handleOf(cookieHi, cookieLo), offset, length);
         }
-        const header = new Uint8Array(CHUNK_DATA_OFFSET);
-        putDataChunkHeader(header, 0, cookieHi, cookieLo, offset, length, true);
-        return this.#writer.sendFile(header, range.fd, range.offset, length);
+        return this.#sendFromFile(cookieHi, cookieLo, offset, length, range);
       }
     }
     const reply = allocDataChunk(cookieHi, cookieLo, offset, length, true, POOL_GET);
@@ -586,14 +589,7 @@ class Transmission {
     if (range === undefined) return false;
     if (structured && !range.data && (r.flags & NBD_CMD_FLAG_DF) === 0) return false;
     if (r.length >= ZERO_COPY_MIN && this.#writer.zeroCopy) {
-      let header: Uint8Array;
-      if (structured) {
-        header = new Uint8Array(CHUNK_DATA_OFFSET);
-        putDataChunkHeader(header, 0, r.cookieHi, r.cookieLo, r.offset, r.length, true);
-      } else {
-        header = allocSimpleReply(r.cookieHi, r.cookieLo, 0, 0);
-      }
-      this.#writer.sendFile(header, range.fd, range.offset, r.length);
+      this.#sendFromFile(r.cookieHi, r.cookieLo, r.offset, r.length, range);
       return true;
     }
     const reply = structured
@@ -634,6 +630,27 @@ class Transmission {
       this.#cacheFd = fd;
     }
     return this.#cache;
+  }
+
+  /**
+   * A whole read reply -- a simple reply, or one OFFSET_DATA chunk -- whose data goes out with
+   * sendfile from `range`.
+   */
+  #sendFromFile(
+    cookieHi: number,
+    cookieLo: number,
+    offset: number,
+    length: number,
+    range: FileRange,
+  ): void {
+    let header: Uint8Array;
+    if (this.#structured) {
+      header = new Uint8Array(CHUNK_DATA_OFFSET);
+      putDataChunkHeader(header, 0, cookieHi, cookieLo, offset, length, true);
+    } else {
+      header = allocSimpleReply(cookieHi, cookieLo, 0, 0);
+    }
+    this.#writer.sendFile(header, range.fd, range.offset, length);
   }
 
   /** Whether a read of `length` may go out with sendfile (the device must still agree). */

@@ -10,7 +10,7 @@
 
 import { openExportStack } from "../block/stack.ts";
 import type { BlockDevice } from "../block/types.ts";
-import { describeExport } from "../nbd/export.ts";
+import { describeServedExport } from "../server.ts";
 import type { SessionOptions } from "../nbd/session.ts";
 import { PROGRAM } from "../cli/errors.ts";
 import { closeSocket } from "../../ffi/socket.ts";
@@ -36,13 +36,7 @@ self.onmessage = async (e: MessageEvent<MainMessage>) => {
         // The main thread printed the open's warnings already.
         const opened = await openExportStack(options, () => {});
         device = opened.device;
-        const exp = describeExport(device, {
-          name: options.exportName,
-          description: options.description,
-          shared: options.shared,
-          allocationDepth: options.allocationDepth,
-          bitmaps: options.bitmaps,
-        });
+        const exp = describeServedExport(device, options);
         loop = new ReadinessLoop();
         const session: SessionOptions = {
           export: exp,

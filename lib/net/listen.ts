@@ -22,14 +22,7 @@ import {
   SOL_SOCKET,
 } from "../../ffi/socket.ts";
 import { errno, libc, strerror } from "../../ffi/libc.ts";
-import {
-  formatSockAddr,
-  type ListenAddress,
-  portOf,
-  resolveTcp,
-  type SockAddr,
-  unixSockAddr,
-} from "./address.ts";
+import { type ListenAddress, portOf, resolveTcp, type SockAddr, unixSockAddr } from "./address.ts";
 
 /** The listen backlog qemu-nbd asks for (SOMAXCONN: 4096 on current kernels; ss shows it). */
 const BACKLOG = 4096;
@@ -138,5 +131,3 @@ function boundPort(fd: number): number {
   if (sock().getsockname(fd, addr, new Uint8Array(len.buffer)) !== 0) return 0;
   return portOf(addr);
 }
-
-export { formatSockAddr };

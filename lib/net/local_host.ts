@@ -21,11 +21,6 @@ export class LocalHost implements ConnectionHost {
     this.#loop = loop;
   }
 
-  /** Connections served now. */
-  get size(): number {
-    return this.#conns.size;
-  }
-
   async serve(fd: number, tcp: boolean): Promise<SessionEnd> {
     const conn = new FdConn(fd, this.#loop, { tcp });
     this.#conns.add(conn);

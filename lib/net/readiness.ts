@@ -108,7 +108,6 @@ export class ReadinessLoop {
   constructor(options: ReadinessOptions = {}) {
     this.#spinMax = options.spin === false ? 0 : spinRounds();
     this.#budget = this.#spinMax;
-    this.#spinEnabled = this.#spinMax > 0;
     if (options.backend !== "epoll") {
       try {
         this.#ring = new Ring({ entries: RING_ENTRIES });
@@ -119,7 +118,6 @@ export class ReadinessLoop {
     this.stats = { backend: this.#ring ? "io_uring" : "epoll", spins: 0, spinHits: 0, parks: 0 };
   }
 
-  readonly #spinEnabled: boolean;
   readonly #spinMax: number;
 
   /** Resolves when `fd` is ready for `events` (POLLIN or POLLOUT), or on a hang-up or error. */
@@ -131,10 +129,7 @@ export class ReadinessLoop {
     let list = this.#byFd.get(fd);
     if (list === undefined) this.#byFd.set(fd, list = []);
     list.push(w);
-    if (!this.#tickQueued) {
-      this.#tickQueued = true;
-      setImmediate(this.#tick);
-    }
+    this.#queueTick();
     return promise;
   }
 
@@ -170,13 +165,19 @@ export class ReadinessLoop {
     w.resolve();
   }
 
+  #queueTick(): void {
+    if (this.#tickQueued) return;
+    this.#tickQueued = true;
+    setImmediate(this.#tick);
+  }
+
   readonly #tick = (): void => {
     this.#tickQueued = false;
     if (this.#closed) return;
     const waiting = this.#pending.filter((w) => !w.done);
     this.#pending.length = 0;
     if (waiting.length === 0) return;
-    if (this.#parkedAt !== 0 && this.#spinEnabled && this.#budget < SPIN_PROBE) {
+    if (this.#parkedAt !== 0 && this.#spinMax > 0 && this.#budget < SPIN_PROBE) {
       if ((performance.now() - this.#parkedAt) * 1000 < SPIN_PROBE_US) {
         this.#budget = Math.min(SPIN_PROBE, this.#spinMax);
       }
@@ -214,10 +215,7 @@ export class ReadinessLoop {
         // come back to the sockets after them.
         for (const b of busy) b.reapNow();
         for (const w of waiting) if (!w.done) this.#pending.push(w);
-        if (!this.#tickQueued) {
-          this.#tickQueued = true;
-          setImmediate(this.#tick);
-        }
+        this.#queueTick();
         return true;
       }
     }
@@ -232,10 +230,7 @@ export class ReadinessLoop {
       if (v.getInt16(i * 8 + 6, true) !== 0) this.#finish(w);
       else this.#pending.push(w);
     }
-    if (this.#pending.length > 0 && !this.#tickQueued) {
-      this.#tickQueued = true;
-      setImmediate(this.#tick);
-    }
+    if (this.#pending.length > 0) this.#queueTick();
     return true;
   }
 
