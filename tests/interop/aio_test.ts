@@ -61,7 +61,11 @@ function qemuIo(target: string, cmds: readonly string[]) {
  * permission set).
  */
 async function ringCount(pid: number): Promise<number> {
-  const r = await runOk(["ls", "-l", `/proc/${pid}/fd`]);
+  const r = await run(["ls", "-l", `/proc/${pid}/fd`]);
+  // Exit 1 with a listing: a descriptor closed while ls read it (the server is still starting).
+  if (r.code !== 0 && !(r.code === 1 && r.stdout.startsWith("total"))) {
+    throw new Error(`ls -l /proc/${pid}/fd exited ${r.code}: ${r.stderr}`);
+  }
   return r.stdout.split("anon_inode:[io_uring]").length - 1;
 }
 
