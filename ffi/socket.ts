@@ -18,6 +18,8 @@ const SYMBOLS = {
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
   // int bind(int fd, const struct sockaddr *addr, socklen_t len)
   bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  // int connect(int fd, const struct sockaddr *addr, socklen_t len)
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
   // int listen(int fd, int backlog)
   listen: { parameters: ["i32", "i32"], result: "i32" },
   // int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
@@ -81,6 +83,7 @@ export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
 export const SO_REUSEADDR = 2;
 export const SO_ACCEPTCONN = 30;
+export const SO_ERROR = 4;
 export const IPPROTO_TCP = 6;
 export const IPPROTO_IPV6 = 41;
 export const TCP_NODELAY = 1;
@@ -113,6 +116,7 @@ export const EAGAIN = 11;
 export const EPIPE = 32;
 export const ECONNRESET = 104;
 export const EADDRINUSE = 98;
+export const EINPROGRESS = 115;
 
 /** A failed socket call: the errno and a message naming the call and its context. */
 export class SocketError extends Error {

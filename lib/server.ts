@@ -21,6 +21,9 @@ import { LocalHost } from "./net/local_host.ts";
 import { DataPlane, threadCount, threadShareable } from "./net/data_plane.ts";
 import { ReadinessLoop } from "./net/readiness.ts";
 import { FIRST_ACTIVATION_FD } from "./cli/socket_activation.ts";
+import type { ObjectLookup } from "./objects/types.ts";
+import type { TlsUpgrade } from "./nbd/session.ts";
+import { serverCredentials, serverTlsUpgrade } from "./tls/server_tls.ts";
 
 /** How the server talks to the outside world (stderr, readiness for --fork). */
 export interface ServerIo {
@@ -30,8 +33,15 @@ export interface ServerIo {
   readonly ready?: () => void;
 }
 
-/** Run the server until it stops; returns the process exit code. */
-export async function runServer(options: ServerOptions, io: ServerIo): Promise<number> {
+/**
+ * Run the server until it stops; returns the process exit code. `objects` are the --object
+ * objects the command line created (TLS credentials, authorization).
+ */
+export async function runServer(
+  options: ServerOptions,
+  io: ServerIo,
+  objects?: ObjectLookup,
+): Promise<number> {
   // -T: qemu-nbd opens its trace log file before it opens the image.
   startTracing(options.trace);
   // qemu-nbd's error_report(): printed with or without -v; the rest are -T trace points.
@@ -58,7 +68,14 @@ export async function runServer(options: ServerOptions, io: ServerIo): Promise<n
 
   const loop = new ReadinessLoop();
   const local = new LocalHost(
-    { export: exp, device, bitmaps, handshakeLimit: options.handshakeLimit, report },
+    {
+      export: exp,
+      device,
+      bitmaps,
+      handshakeLimit: options.handshakeLimit,
+      report,
+      tls: serverTls(options, objects, loop),
+    },
     loop,
   );
   let listener: NbdListener;
@@ -118,6 +135,22 @@ export function describeServedExport(
     allocationDepth: options.allocationDepth,
     bitmaps: options.bitmaps,
   });
+}
+
+/** The STARTTLS upgrade --tls-creds asks for, over `loop` (here and in data threads). */
+export function serverTls(
+  options: ServerOptions,
+  objects: ObjectLookup | undefined,
+  loop: ReadinessLoop,
+): TlsUpgrade | undefined {
+  if (options.tlsCreds === undefined) return undefined;
+  if (objects === undefined) throw new Error("--tls-creds needs the --object objects");
+  return serverTlsUpgrade(
+    serverCredentials(objects, options.tlsCreds),
+    objects,
+    options.tlsAuthz,
+    loop,
+  );
 }
 
 /** qemu unlinks an existing socket file before binding; do the same, but only for sockets. */

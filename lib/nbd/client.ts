@@ -214,7 +214,7 @@ export function optionReplyError(option: number, reply: OptionReply): NbdHandsha
       msg = `Server lacks support for ${o}`;
       break;
     case NBD_REP_ERR_TLS_REQD:
-      msg = `TLS negotiation required before ${o}`;
+      msg = `TLS negotiation required before ${o}\nDid you forget a valid tls-creds?`;
       break;
     case NBD_REP_ERR_UNKNOWN:
       msg = "Requested export not available";

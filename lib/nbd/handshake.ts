@@ -33,6 +33,7 @@ import {
   NBD_REP_ERR_BLOCK_SIZE_REQD,
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
@@ -90,12 +91,16 @@ interface Context {
   structured: boolean;
   meta: MetaSelection;
   options: number;
+  /** TLS is configured (--tls-creds): STARTTLS is required first, then refused as a repeat. */
+  readonly tls: boolean;
+  /** TLS is configured and the connection is not encrypted yet. */
+  beforeTls: boolean;
 }
 
 /** The machine's states: a discriminated union, handled by an exhaustive switch. */
 export type HandshakeState =
   /** Waiting for the client's 32-bit flags. */
-  | { readonly kind: "clientFlags"; readonly config: ExportDescriptor }
+  | { readonly kind: "clientFlags"; readonly config: ExportDescriptor; readonly tls: boolean }
   /** Waiting for the 16-byte header of the next option. */
   | { readonly kind: "optionHeader"; readonly ctx: Context }
   /** Waiting for all `length` bytes of an option we parse. */
@@ -111,7 +116,8 @@ export type HandshakeState =
     readonly ctx: Context;
     readonly remaining: number;
     readonly replies: readonly Uint8Array[];
-    readonly close: boolean;
+    /** After the replies: close (with this reason for the log, unless `clean`). */
+    readonly close?: { readonly reason: string; readonly clean: boolean };
   }
   /** Negotiation finished or failed: nothing more is consumed. */
   | { readonly kind: "finished" };
@@ -123,6 +129,11 @@ export type Effect =
   | { readonly kind: "continue" }
   /** Enter transmission. */
   | { readonly kind: "go"; readonly negotiated: Negotiated }
+  /**
+   * Send the replies (STARTTLS's ACK), then run the TLS handshake on the connection before
+   * stepping on; the state already holds nothing negotiated before it.
+   */
+  | { readonly kind: "starttls" }
   /** Close the connection after sending the replies (`reason` for the log). */
   | { readonly kind: "close"; readonly reason: string; readonly clean: boolean };
 
@@ -147,9 +158,12 @@ const MORE: Effect = { kind: "more" };
 const CONTINUE: Effect = { kind: "continue" };
 const FINISHED: HandshakeState = { kind: "finished" };
 
-/** The initial state; the caller sends `encodeGreeting()` first. */
-export function initialState(config: ExportDescriptor): HandshakeState {
-  return { kind: "clientFlags", config };
+/**
+ * The initial state; the caller sends `encodeGreeting()` first. With `tls` (qemu-nbd's
+ * --tls-creds) every option but STARTTLS is refused until the connection is encrypted.
+ */
+export function initialState(config: ExportDescriptor, tls = false): HandshakeState {
+  return { kind: "clientFlags", config, tls };
 }
 
 function noMeta(): MetaSelection {
@@ -186,6 +200,8 @@ export function step(state: HandshakeState, input: Uint8Array): StepResult {
         structured: false,
         meta: noMeta(),
         options: 0,
+        tls: state.tls,
+        beforeTls: state.tls,
       };
       return { state: { kind: "optionHeader", ctx }, consumed: 4, replies: [], effect: CONTINUE };
     }
@@ -205,7 +221,9 @@ export function step(state: HandshakeState, input: Uint8Array): StepResult {
           effect: n ? CONTINUE : MORE,
         };
       }
-      if (state.close) return close("option rejected", [...state.replies], n);
+      if (state.close) {
+        return close(state.close.reason, [...state.replies], n, state.close.clean);
+      }
       return {
         state: { kind: "optionHeader", ctx: state.ctx },
         consumed: n,
@@ -238,7 +256,10 @@ function stepHeader(ctx: Context, input: Uint8Array): StepResult {
   }
   if (++ctx.options > MAX_OPTIONS) return close("too many options", [], OPTION_HEADER_SIZE);
 
-  const skip = (replies: Uint8Array[], closeAfter = false): StepResult => ({
+  const skip = (
+    replies: Uint8Array[],
+    closeAfter?: { reason: string; clean: boolean },
+  ): StepResult => ({
     state: { kind: "skip", ctx, remaining: h.length, replies, close: closeAfter },
     consumed: OPTION_HEADER_SIZE,
     replies: [],
@@ -258,6 +279,44 @@ function stepHeader(ctx: Context, input: Uint8Array): StepResult {
         `option '${optionName(h.option)}' has unexpected length`,
       ),
     ]);
+
+  if (ctx.beforeTls) {
+    if (!ctx.fixed) return close(`Unsupported option 0x${hex(h.option)}`, [], OPTION_HEADER_SIZE);
+    const notYet = `Option 0x${hex(h.option)} not permitted before TLS`;
+    switch (h.option) {
+      case NBD_OPT_STARTTLS: {
+        if (h.length) {
+          // A client that cannot start TLS correctly is dropped (after the error reply).
+          const why = `option '${optionName(h.option)}' has unexpected length`;
+          return skip([errorReply(h.option, NBD_REP_ERR_INVALID, why)], {
+            reason: why,
+            clean: false,
+          });
+        }
+        // Nothing negotiated in plain text survives the upgrade (nothing can be, but be sure).
+        ctx.beforeTls = false;
+        ctx.structured = false;
+        ctx.meta = noMeta();
+        return {
+          state: { kind: "optionHeader", ctx },
+          consumed: OPTION_HEADER_SIZE,
+          replies: [encodeOptionReply(h.option, NBD_REP_ACK)],
+          effect: { kind: "starttls" },
+        };
+      }
+      case NBD_OPT_EXPORT_NAME:
+        // No error reply is possible: drop the connection.
+        return close(notYet, [], OPTION_HEADER_SIZE);
+      case NBD_OPT_ABORT:
+        // Refused like the rest, then the client is gone anyway: not an error in the log.
+        return skip([errorReply(h.option, NBD_REP_ERR_TLS_REQD, notYet)], {
+          reason: "client sent NBD_OPT_ABORT",
+          clean: true,
+        });
+      default:
+        return skip([errorReply(h.option, NBD_REP_ERR_TLS_REQD, notYet)]);
+    }
+  }
 
   if (!ctx.fixed) {
     // Old (non-fixed) newstyle clients may only send EXPORT_NAME.
@@ -296,6 +355,9 @@ function stepHeader(ctx: Context, input: Uint8Array): StepResult {
       ]);
     case NBD_OPT_STARTTLS:
       if (h.length) return unexpectedLength();
+      if (ctx.tls) {
+        return skip([errorReply(h.option, NBD_REP_ERR_INVALID, "TLS already enabled")]);
+      }
       return skip([errorReply(h.option, NBD_REP_ERR_POLICY, "TLS not configured")]);
     case NBD_OPT_STRUCTURED_REPLY:
       if (h.length) return unexpectedLength();
@@ -335,6 +397,10 @@ function stepHeader(ctx: Context, input: Uint8Array): StepResult {
         ),
       ]);
   }
+}
+
+function hex(n: number): string {
+  return n.toString(16);
 }
 
 function transmissionFlags(ctx: Context): number {

@@ -71,6 +71,7 @@ import { BlockError } from "../block/types.ts";
 import * as ev from "../trace/events.ts";
 import { handleOf, nbdErrName } from "../trace/events.ts";
 import { negotiationTraced, traceNegotiationStep } from "../trace/negotiate_trace.ts";
+import { TlsError } from "../tls/tls_conn.ts";
 import { PageCacheShortcut } from "../io/page_cache.ts";
 
 /**
@@ -101,6 +102,16 @@ export interface SessionOptions {
    * dropped for a bad request. The caller adds the program name. Everything else is a trace point.
    */
   readonly report: (msg: string) => void;
+  /**
+   * --tls-creds: every option but STARTTLS is refused until `upgrade` has run TLS over the
+   * connection (lib/tls/); the encrypted stream then carries the rest of the session.
+   */
+  readonly tls?: TlsUpgrade;
+}
+
+/** Turns a plain connection into an encrypted one after STARTTLS's ACK (throws to refuse). */
+export interface TlsUpgrade {
+  upgrade(conn: ByteConn): Promise<ByteConn>;
 }
 
 /** How a session ended: whether it reached transmission (qemu counts only those for -t). */
@@ -113,41 +124,50 @@ export async function serveConnection(
   conn: ByteConn,
   options: SessionOptions,
 ): Promise<SessionEnd> {
-  const reader = new BufferedReader(conn);
-  const writer = new ReplyWriter(conn);
-  let closed = false;
+  const io: ConnIo = {
+    conn,
+    reader: new BufferedReader(conn),
+    writer: new ReplyWriter(conn),
+    closed: false,
+  };
   const closeConn = () => {
-    if (closed) return;
-    closed = true;
+    if (io.closed) return;
+    io.closed = true;
     try {
-      conn.close();
+      io.conn.close();
     } catch { /* already closed */ }
   };
   let negotiated: Negotiated | undefined;
   try {
-    negotiated = await handshake(reader, writer, options, closeConn);
+    negotiated = await handshake(io, options, closeConn);
     if (negotiated === undefined) return { negotiated: false };
-    reader.reserve(TRANSMISSION_BUFFER);
-    await new Transmission(reader, writer, options, negotiated).run();
+    io.reader.reserve(TRANSMISSION_BUFFER);
+    await new Transmission(io.reader, io.writer, options, negotiated).run();
     return { negotiated: true };
   } catch (e) {
-    const socket = e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe;
     options.report(
       `Disconnect client, due to: ${
-        socket ? socketError(e, "read from") : e instanceof Error ? e.message : String(e)
+        isSocketError(e) ? socketError(e, "read from") : e instanceof Error ? e.message : String(e)
       }`,
     );
     if (ev.denbd_internal_error.on) ev.denbd_internal_error.emit(describeException(e));
     return { negotiated: negotiated !== undefined };
   } finally {
-    await writer.drain();
+    await io.writer.drain();
     closeConn();
   }
 }
 
+/** The connection and its reader and writer: replaced once, when STARTTLS encrypts it. */
+interface ConnIo {
+  conn: ByteConn;
+  reader: BufferedReader;
+  writer: ReplyWriter;
+  closed: boolean;
+}
+
 async function handshake(
-  reader: BufferedReader,
-  writer: ReplyWriter,
+  io: ConnIo,
   options: SessionOptions,
   closeConn: () => void,
 ): Promise<Negotiated | undefined> {
@@ -163,14 +183,15 @@ async function handshake(
   const traced = negotiationTraced();
   try {
     if (ev.nbd_negotiate_begin.on) ev.nbd_negotiate_begin.emit();
-    writer.send(encodeGreeting());
-    let state = initialState(options.export);
+    io.writer.send(encodeGreeting());
+    let state = initialState(options.export, options.tls !== undefined);
     for (;;) {
+      const reader = io.reader;
       const input = reader.peek();
       const res = step(state, input);
       if (traced) traceNegotiationStep(state, input, res);
       reader.skip(res.consumed);
-      for (const r of res.replies) writer.send(r);
+      for (const r of res.replies) io.writer.send(r);
       state = res.state;
       switch (res.effect.kind) {
         case "continue":
@@ -187,6 +208,12 @@ async function handshake(
           );
           return undefined;
         }
+        case "starttls": {
+          const failure = await startTls(io, options.tls!);
+          if (failure === undefined) continue;
+          options.report(`option negotiation failed: ${failure}`);
+          return undefined;
+        }
         case "go":
           return res.effect.negotiated;
         case "close":
@@ -196,6 +223,30 @@ async function handshake(
     }
   } finally {
     if (timer !== undefined) clearTimeout(timer);
+  }
+}
+
+/**
+ * After STARTTLS's ACK: run the TLS handshake and carry on over the encrypted stream. Returns
+ * why it failed, or undefined. Bytes the client sent after STARTTLS before the handshake are a
+ * protocol error (the handshake must start on a clean stream).
+ */
+async function startTls(io: ConnIo, tls: TlsUpgrade): Promise<string | undefined> {
+  if (ev.nbd_negotiate_handle_starttls.on) ev.nbd_negotiate_handle_starttls.emit();
+  await io.writer.drain();
+  if (io.writer.failed !== undefined) return socketError(io.writer.failed, "write to");
+  if (io.reader.available > 0) return "client sent data after NBD_OPT_STARTTLS before TLS";
+  if (ev.nbd_negotiate_handle_starttls_handshake.on) {
+    ev.nbd_negotiate_handle_starttls_handshake.emit();
+  }
+  try {
+    const secure = await tls.upgrade(io.conn);
+    io.conn = secure;
+    io.reader = new BufferedReader(secure);
+    io.writer = new ReplyWriter(secure);
+    return undefined;
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
   }
 }
 
@@ -847,7 +898,14 @@ const EOF_BYTES = "Unexpected end-of-file before all bytes were read";
 const INTERMEDIATE = "Request handling failed in intermediate state";
 
 /** A socket error in qemu's words ("Unable to read from socket: Connection reset by peer"). */
+function isSocketError(e: unknown): boolean {
+  return e instanceof Deno.errors.ConnectionReset || e instanceof Deno.errors.BrokenPipe ||
+    e instanceof TlsError;
+}
+
 function socketError(e: unknown, op: "read from" | "write to"): string {
+  // A TLS channel's errors carry qemu's own words ("Cannot read from TLS channel: ...").
+  if (e instanceof TlsError) return e.message;
   let why: string;
   if (e instanceof Deno.errors.ConnectionReset) why = "Connection reset by peer";
   else if (e instanceof Deno.errors.BrokenPipe) why = "Broken pipe";

@@ -102,8 +102,14 @@ export const nbd_negotiate_handle_info_block_size = new TraceEvent(
   (min: number, preferred: number, max: number) =>
     `advertising minimum ${hex(min)}, preferred ${hex(preferred)}, maximum ${hex(max)}`,
 );
-new TraceEvent("nbd_negotiate_handle_starttls"); // no TLS yet
-new TraceEvent("nbd_negotiate_handle_starttls_handshake");
+export const nbd_negotiate_handle_starttls = new TraceEvent(
+  "nbd_negotiate_handle_starttls",
+  () => "Setting up TLS",
+);
+export const nbd_negotiate_handle_starttls_handshake = new TraceEvent(
+  "nbd_negotiate_handle_starttls_handshake",
+  () => "Starting TLS handshake",
+);
 export const nbd_negotiate_meta_context = new TraceEvent(
   "nbd_negotiate_meta_context",
   (optName: string, exportName: string, queries: number) =>

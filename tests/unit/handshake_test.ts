@@ -94,8 +94,8 @@ interface Run {
 }
 
 /** Feed `input` to a fresh machine, `chunk` bytes at a time, until it stops or input runs out. */
-function drive(input: Uint8Array, chunk = 1): Run {
-  let state = initialState(EXPORT);
+function drive(input: Uint8Array, chunk = 1, tls = false): Run {
+  let state = initialState(EXPORT, tls);
   let buffered: Uint8Array = new Uint8Array();
   let fed = 0;
   let consumed = 0;
@@ -106,7 +106,7 @@ function drive(input: Uint8Array, chunk = 1): Run {
     buffered = buffered.subarray(r.consumed);
     consumed += r.consumed;
     replies.push(...r.replies);
-    if (r.effect.kind === "go" || r.effect.kind === "close") {
+    if (r.effect.kind === "go" || r.effect.kind === "close" || r.effect.kind === "starttls") {
       return { replies: cat(...replies), effect: r.effect, consumed };
     }
     if (r.effect.kind === "more") {
@@ -380,4 +380,98 @@ Deno.test("random garbage after the flags ends in close or more, never an except
     const kind = drive(input, 1 + Math.floor(rand() * 8)).effect.kind;
     assert.ok(kind === "close" || kind === "more" || kind === "go", kind);
   }
+});
+
+// --tls-creds: qemu 7.2's forced-TLS rules (nbd/server.c), before and after STARTTLS.
+const text = (b: Uint8Array) => new TextDecoder().decode(b);
+
+Deno.test("forced TLS: every option but STARTTLS is refused with TLS_REQD and qemu's text", () => {
+  for (
+    const opt of [
+      C.NBD_OPT_LIST,
+      C.NBD_OPT_STRUCTURED_REPLY,
+      C.NBD_OPT_GO,
+      C.NBD_OPT_INFO,
+      C.NBD_OPT_LIST_META_CONTEXT,
+      C.NBD_OPT_SET_META_CONTEXT,
+      99,
+    ]
+  ) {
+    const run = drive(cat(FIXED, option(opt, infoData("disk0", [])), option(2)), 7, true);
+    const [first, second] = parseReplies(run.replies);
+    assert.equal(first!.type, C.NBD_REP_ERR_TLS_REQD, `option ${opt}`);
+    assert.equal(text(first!.data), `Option 0x${opt.toString(16)} not permitted before TLS`);
+    // ABORT is refused the same way, then the connection ends without an error in the log.
+    assert.equal(second!.type, C.NBD_REP_ERR_TLS_REQD);
+    assert.equal(text(second!.data), "Option 0x2 not permitted before TLS");
+    assert.deepEqual(run.effect, {
+      kind: "close",
+      reason: "client sent NBD_OPT_ABORT",
+      clean: true,
+    });
+  }
+});
+
+Deno.test("forced TLS: EXPORT_NAME drops the client, STARTTLS with data is invalid and fatal", () => {
+  const byName = drive(cat(FIXED, option(C.NBD_OPT_EXPORT_NAME, enc.encode("disk0"))), 3, true);
+  assert.equal(byName.replies.length, 0);
+  assert.deepEqual(byName.effect, {
+    kind: "close",
+    reason: "Option 0x1 not permitted before TLS",
+    clean: false,
+  });
+  const withData = drive(cat(FIXED, option(C.NBD_OPT_STARTTLS, u32(1))), 5, true);
+  const [r] = parseReplies(withData.replies);
+  assert.equal(r!.type, C.NBD_REP_ERR_INVALID);
+  assert.deepEqual(withData.effect, {
+    kind: "close",
+    reason: "option 'starttls' has unexpected length",
+    clean: false,
+  });
+  const oldStyle = drive(cat(u32(0), option(C.NBD_OPT_STARTTLS)), 4, true);
+  assert.deepEqual(oldStyle.effect, {
+    kind: "close",
+    reason: "Unsupported option 0x5",
+    clean: false,
+  });
+});
+
+Deno.test("forced TLS: STARTTLS is acknowledged, then nothing from before survives", () => {
+  let state = initialState(EXPORT, true);
+  let r = step(state, FIXED);
+  state = r.state;
+  r = step(state, option(C.NBD_OPT_STARTTLS));
+  assert.equal(r.effect.kind, "starttls");
+  assert.equal(parseReplies(cat(...r.replies))[0]!.type, C.NBD_REP_ACK);
+  state = r.state;
+  // Encrypted now: a second STARTTLS is invalid, SET_META_CONTEXT needs STRUCTURED_REPLY first.
+  const rest = cat(
+    option(C.NBD_OPT_STARTTLS),
+    option(C.NBD_OPT_SET_META_CONTEXT, metaData("disk0", ["base:allocation"])),
+    option(C.NBD_OPT_STRUCTURED_REPLY),
+    option(C.NBD_OPT_GO, infoData("disk0", [])),
+  );
+  const replies: Uint8Array[] = [];
+  let input = rest;
+  for (let i = 0; i < 100 && r.effect.kind !== "go"; i++) {
+    r = step(state, input);
+    state = r.state;
+    input = input.subarray(r.consumed);
+    replies.push(...r.replies);
+  }
+  const got = parseReplies(cat(...replies));
+  assert.equal(got[0]!.type, C.NBD_REP_ERR_INVALID);
+  assert.equal(text(got[0]!.data), "TLS already enabled");
+  assert.equal(got[1]!.type, C.NBD_REP_ERR_INVALID);
+  assert.match(text(got[1]!.data), /structured reply is not negotiated/);
+  assert.equal(got[2]!.type, C.NBD_REP_ACK);
+  assert.equal(r.effect.kind, "go");
+  if (r.effect.kind === "go") assert.equal(r.effect.negotiated.structured, true);
+});
+
+Deno.test("without TLS configured STARTTLS is refused by policy", () => {
+  const run = drive(cat(FIXED, option(C.NBD_OPT_STARTTLS), option(2)), 16);
+  const [r] = parseReplies(run.replies);
+  assert.equal(r!.type, C.NBD_REP_ERR_POLICY);
+  assert.equal(text(r!.data), "TLS not configured");
 });
