@@ -12,6 +12,8 @@ import { parseCommandLine, unsupportedOptions } from "./lib/cli/parse.ts";
 import type { ServerOptions } from "./lib/cli/options.ts";
 import { runServer } from "./lib/server.ts";
 import { formatExportList, listExports } from "./lib/nbd/list_client.ts";
+import type { ObjectLookup } from "./lib/objects/types.ts";
+import type { TlsCredentials } from "./lib/tls/creds.ts";
 import { libc, O_RDWR, openFile } from "./ffi/libc.ts";
 import { DENBD_PERMISSIONS } from "./lib/permissions.ts";
 
@@ -44,7 +46,7 @@ async function main(args: string[]): Promise<number> {
       break;
   }
   const options = command.options;
-  if (options.list) return await listMode(options);
+  if (options.list) return await listMode(options, command.objects);
   const unsupported = unsupportedOptions(options);
   if (unsupported.length > 0) {
     for (const msg of unsupported) printError(msg);
@@ -63,7 +65,7 @@ async function main(args: string[]): Promise<number> {
     return await runServer(options, {
       error: (msg) => console.error(msg),
       ready: forkChild ? signalReady : undefined,
-    });
+    }, command.objects);
   } catch (e) {
     printError(describeStartError(e));
     return 1;
@@ -75,12 +77,18 @@ function describeStartError(e: unknown): string {
 }
 
 /** -L: list the exports of a running server (unix socket with -k, else TCP -b/-p). */
-async function listMode(options: ServerOptions): Promise<number> {
+async function listMode(options: ServerOptions, objects: ObjectLookup): Promise<number> {
   const address = options.socket !== undefined
     ? { transport: "unix" as const, path: options.socket }
     : { transport: "tcp" as const, hostname: options.bind, port: options.port };
   try {
-    const text = formatExportList(await listExports(address));
+    // The server's certificate must name --tls-hostname, else the -b address (none for -k).
+    const tls = options.tlsCreds === undefined ? undefined : {
+      creds: objects.get(options.tlsCreds)!.value as TlsCredentials,
+      hostname: options.tlsHostname ??
+        (options.socket === undefined ? options.bind : undefined),
+    };
+    const text = formatExportList(await listExports(address, tls));
     await Deno.stdout.write(new TextEncoder().encode(text));
     return 0;
   } catch (e) {

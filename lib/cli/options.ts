@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { ObjectRegistry } from "../objects/registry.ts";
+
 export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "unsafe";
 /**
  * --aio MODE; "auto" when --aio is not given (io_uring where the kernel allows it, else threads).
@@ -43,7 +45,8 @@ export type Command =
   /** `exitCode`: 0 unless given (qemu-nbd's `-T ...,help` lists the keys and exits 1). */
   | { readonly kind: "help"; readonly text: string; readonly exitCode?: number }
   | { readonly kind: "version"; readonly text: string }
-  | { readonly kind: "serve"; readonly options: ServerOptions };
+  /** `objects`: what --object created (TLS credentials, secrets, authorization). */
+  | { readonly kind: "serve"; readonly options: ServerOptions; readonly objects: ObjectRegistry };
 
 export interface ServerOptions {
   readonly image: ImageSpec;
@@ -87,7 +90,10 @@ export interface ServerOptions {
   readonly verbose: boolean;
   /** --handshake-limit seconds (default 10; 0 = no limit). */
   readonly handshakeLimit: number;
-  /** --tls-creds, --tls-authz, --tls-hostname, --object (kept for "not supported yet" errors). */
+  /**
+   * --tls-creds, --tls-authz, --tls-hostname, and the --object texts (data-plane threads rebuild
+   * the objects from them: GnuTLS credentials belong to a thread).
+   */
   readonly tlsCreds: string | undefined;
   readonly tlsAuthz: string | undefined;
   readonly tlsHostname: string | undefined;

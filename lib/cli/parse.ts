@@ -11,6 +11,8 @@ import { helpText, versionText } from "./help.ts";
 import { parseImageOpts, parseQemuOpts, plainImage } from "./image_opts.ts";
 import { parseInt32, parseU64 } from "./numbers.ts";
 import { activationConflict, socketActivation } from "./socket_activation.ts";
+import { ObjectHintError, type ObjectOutcome, ObjectRegistry } from "../objects/registry.ts";
+import { ObjectError } from "../objects/types.ts";
 import {
   expandLogfileName,
   parseTraceOption,
@@ -180,6 +182,8 @@ interface Draft {
   tlsAuthz: string | undefined;
   tlsHostname: string | undefined;
   objects: string[];
+  /** The --object objects, created as they are parsed. */
+  registry: ObjectRegistry;
   trace: string[];
   /** The log file the last -T names (each -T sets it anew). */
   traceFile: string | undefined;
@@ -219,6 +223,7 @@ function newDraft(): Draft {
     tlsAuthz: undefined,
     tlsHostname: undefined,
     objects: [],
+    registry: new ObjectRegistry(),
     trace: [],
     traceFile: undefined,
     selinuxLabel: undefined,
@@ -465,6 +470,7 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     if (d.tlsHostname !== undefined && !d.list) {
       throw new CliError("TLS hostname is only supported with export list");
     }
+    tlsCredsCheck(d.registry, d.tlsCreds, d.list);
   } else {
     if (d.tlsAuthz !== undefined) {
       throw new CliError("--tls-authz is not permitted without --tls-creds");
@@ -578,11 +584,20 @@ export function parseCommandLine(argv: readonly string[]): Command {
   const walk = getopt(argv, OPTION_TABLE);
   for (let step = walk.next();; step = walk.next()) {
     if (step.done) {
-      return Object.freeze({ kind: "serve", options: finish(d, step.value) });
+      return Object.freeze({
+        kind: "serve",
+        options: finish(d, step.value),
+        objects: d.registry,
+      });
     }
     const { spec, value } = step.value;
     if (spec.id === "help") return Object.freeze({ kind: "help", text: helpText() });
     if (spec.id === "version") return Object.freeze({ kind: "version", text: versionText() });
+    if (spec.id === "object") {
+      // qemu-nbd creates each object as it parses it: its errors and help come at this point.
+      const outcome = addObject(d, value ?? "");
+      if (outcome.kind === "help") return Object.freeze({ kind: "help", text: outcome.text });
+    }
     if (spec.id === "trace") {
       // qemu-nbd acts on -T at once: its warnings, errors and `help` come at this point.
       const req = traceOption(value ?? "");
@@ -593,6 +608,31 @@ export function parseCommandLine(argv: readonly string[]): Command {
       d.traceFile = req.file;
     }
     apply(d, spec.id, value ?? "");
+  }
+}
+
+/** Create one --object now, as qemu-nbd does; its errors are command-line errors. */
+function addObject(d: Draft, text: string): ObjectOutcome {
+  try {
+    return d.registry.add(text);
+  } catch (e) {
+    if (e instanceof ObjectHintError) throw new CliError(e.message, e.hint);
+    if (e instanceof ObjectError) throw new CliError(e.message);
+    throw e;
+  }
+}
+
+/** qemu-nbd's lookup of --tls-creds: it must exist, be TLS credentials, for our endpoint. */
+function tlsCredsCheck(objects: ObjectRegistry, id: string, list: boolean): void {
+  const obj = objects.get(id);
+  const fail = (why: string) => new CliError(`Failed to get TLS creds: ${why}`);
+  if (obj === undefined) throw fail(`No TLS credentials with id '${id}'`);
+  if (!obj.classes.includes("tls-creds")) {
+    throw fail(`Object with id '${id}' is not TLS credentials`);
+  }
+  const want = list ? "client" : "server";
+  if ((obj.value as { endpoint?: string }).endpoint !== want) {
+    throw fail(`Expected TLS credentials for a ${want} endpoint`);
   }
 }
 
@@ -628,10 +668,6 @@ function forkChild(): boolean {
  * feature: delete the row when the feature lands.
  */
 const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message: string])[] = [
-  [(o) => o.objects.length > 0, "--object is not supported yet"],
-  [(o) => o.tlsCreds !== undefined, "--tls-creds is not supported yet"],
-  [(o) => o.tlsAuthz !== undefined, "--tls-authz is not supported yet"],
-  [(o) => o.tlsHostname !== undefined, "--tls-hostname is not supported yet"],
   [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
   [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],

@@ -10,7 +10,8 @@
 
 import { openExportStack } from "../block/stack.ts";
 import type { BlockDevice } from "../block/types.ts";
-import { describeServedExport } from "../server.ts";
+import { describeServedExport, serverTls } from "../server.ts";
+import { createObjects } from "../objects/registry.ts";
 import type { SessionOptions } from "../nbd/session.ts";
 import { PROGRAM } from "../cli/errors.ts";
 import { closeSocket } from "../../ffi/socket.ts";
@@ -38,11 +39,14 @@ self.onmessage = async (e: MessageEvent<MainMessage>) => {
         device = opened.device;
         const exp = describeServedExport(device, options);
         loop = new ReadinessLoop();
+        // TLS credentials are GnuTLS objects of this thread: rebuilt from the --object texts.
+        const objects = options.tlsCreds === undefined ? undefined : createObjects(options.objects);
         const session: SessionOptions = {
           export: exp,
           device,
           handshakeLimit: options.handshakeLimit,
           report: (msg) => console.error(`${PROGRAM}: ${msg}`),
+          tls: serverTls(options, objects, loop),
         };
         host = new LocalHost(session, loop);
         post({ kind: "ready" });

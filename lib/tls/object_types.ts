@@ -27,20 +27,19 @@ export interface TlsCredsSpec {
 }
 
 const BASE_PROPS: Readonly<Record<string, PropSpec>> = {
-  "verify-peer": { kind: "bool", default: true },
+  "verify-peer": { kind: "bool" },
   dir: { kind: "string" },
-  endpoint: { kind: "enum", values: ["server", "client"], default: "client" },
+  endpoint: { kind: "enum", values: ["server", "client"], typeName: "QCryptoTLSCredsEndpoint" },
   priority: { kind: "string" },
-  loaded: { kind: "bool" },
 };
 
 function spec(kind: TlsCredsSpec["kind"], id: string, v: PropValues): TlsCredsSpec {
   return {
     kind,
     id,
-    endpoint: v.endpoint as TlsEndpoint,
+    endpoint: (v.endpoint as TlsEndpoint | undefined) ?? "client",
     dir: v.dir as string | undefined,
-    verifyPeer: v["verify-peer"] as boolean,
+    verifyPeer: (v["verify-peer"] as boolean | undefined) ?? true,
     priority: v.priority as string | undefined,
     sanityCheck: (v["sanity-check"] as boolean | undefined) ?? true,
     passwordId: v.passwordid as string | undefined,
@@ -56,7 +55,7 @@ function type(
   return {
     name,
     parents: ["tls-creds"],
-    props: { ...BASE_PROPS, ...extra },
+    props: { ...BASE_PROPS, loaded: { kind: "readonly" }, ...extra },
     create(id, values, lookup) {
       return loadTlsCredentials(spec(kind, id, values), (sid) => lookup.secretBytes(sid));
     },
@@ -66,7 +65,7 @@ function type(
 /** The three creatable TLS credential types. */
 export const TLS_OBJECT_TYPES: readonly ObjectType[] = [
   type("tls-creds-x509", "x509", {
-    "sanity-check": { kind: "bool", default: true },
+    "sanity-check": { kind: "bool" },
     passwordid: { kind: "string" },
   }),
   type("tls-creds-psk", "psk", { username: { kind: "string" } }),

@@ -26,6 +26,7 @@ import {
   gnutlsError,
 } from "../../ffi/gnutls.ts";
 import type { ByteConn } from "../nbd/conn_io.ts";
+import { tryRecv } from "../../ffi/socket.ts";
 import { POLLIN, POLLOUT, type ReadinessLoop } from "../net/readiness.ts";
 import type { TlsCredentials } from "./creds.ts";
 import { checkPeerCertificate, TlsCheckError } from "./x509_check.ts";
@@ -51,7 +52,9 @@ export interface TlsSetup {
 }
 
 /** Plaintext bytes written per call before control returns to the caller's loop. */
-const WRITE_BURST = 256 * 1024;
+const WRITE_BURST = 1024 * 1024;
+/** TLS's largest record payload. */
+const RECORD_MAX = 16 * 1024;
 
 export class TlsConn implements ByteConn {
   readonly #under: FdStream;
@@ -112,6 +115,11 @@ export class TlsConn implements ByteConn {
             setup.authorize ?? (() => {}),
           ).dn;
         } catch (e) {
+          // The client sends its first option as soon as its side of the handshake is done:
+          // let it arrive (briefly) and read it away, so closing ends the stream (what qemu's
+          // clients report as an aborted connection) instead of resetting it under a write.
+          await settle(loop, under, REFUSAL_SETTLE_MS);
+          discardPending(under.fd);
           if (e instanceof TlsCheckError) throw new TlsError(e.message);
           throw e;
         }
@@ -175,29 +183,45 @@ export class TlsConn implements ByteConn {
     }
   }
 
-  /** Plaintext written from `p` (at least one byte). */
+  /**
+   * Plaintext written from `p` (at least one byte). Payloads of several records are corked:
+   * GnuTLS encrypts them all and hands them to the socket in one write.
+   */
   async write(p: Uint8Array): Promise<number> {
     const g = gnutls();
+    if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
+    if (p.length <= RECORD_MAX) return await this.#writeSome(p);
+    const n = Math.min(p.length, WRITE_BURST);
+    g.gnutls_record_cork(this.#session);
     let done = 0;
+    while (done < n) {
+      const chunk = p.subarray(done, n);
+      const r = Number(g.gnutls_record_send(this.#session, chunk, BigInt(chunk.length)));
+      if (r <= 0) throw new TlsError(`Cannot write to TLS channel: ${ioReason(r)}`);
+      done += r;
+    }
     for (;;) {
-      if (this.closed) {
-        if (done > 0) return done;
-        throw new Deno.errors.BrokenPipe("connection closed");
+      const r = g.gnutls_record_uncork(this.#session, 0);
+      if (r >= 0) return done;
+      if (r !== GNUTLS_E_AGAIN && r !== GNUTLS_E_INTERRUPTED) {
+        throw new TlsError(`Cannot write to TLS channel: ${ioReason(r)}`);
       }
-      const chunk = done === 0 ? p : p.subarray(done);
-      const n = Number(g.gnutls_record_send(this.#session, chunk, BigInt(chunk.length)));
-      if (n > 0) {
-        done += n;
-        if (done >= p.length || done >= WRITE_BURST) return done;
-        continue;
+      await this.#loop.wait(this.#fd, POLLOUT);
+      if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
+    }
+  }
+
+  async #writeSome(p: Uint8Array): Promise<number> {
+    const g = gnutls();
+    for (;;) {
+      const n = Number(g.gnutls_record_send(this.#session, p, BigInt(p.length)));
+      if (n > 0) return n;
+      if (n !== GNUTLS_E_AGAIN && n !== GNUTLS_E_INTERRUPTED) {
+        throw new TlsError(`Cannot write to TLS channel: ${ioReason(n)}`);
       }
-      if (n === GNUTLS_E_AGAIN || n === GNUTLS_E_INTERRUPTED) {
-        // GnuTLS holds the record it began: the next call must offer the same bytes.
-        if (done > 0) return done;
-        await this.#waitDirection();
-        continue;
-      }
-      throw new TlsError(`Cannot write to TLS channel: ${ioReason(n)}`);
+      // GnuTLS holds the record it began: the next call must offer the same bytes.
+      await this.#waitDirection();
+      if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
     }
   }
 
@@ -214,6 +238,31 @@ export class TlsConn implements ByteConn {
     this.#closed = true;
     this.#release();
     this.#under.close();
+  }
+}
+
+const SCRATCH = new Uint8Array(64 * 1024);
+/** How long a refused client gets to finish sending before the connection closes. */
+const REFUSAL_SETTLE_MS = 200;
+
+/** Wait until `conn` is readable, at most `ms`. */
+async function settle(loop: ReadinessLoop, conn: FdStream, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    loop.wait(conn.fd, POLLIN),
+    new Promise<void>((resolve) => timer = setTimeout(resolve, ms)),
+  ]);
+  clearTimeout(timer);
+}
+
+/** Read and drop what the socket holds now (bounded). */
+function discardPending(fd: number): void {
+  for (let i = 0; i < 64; i++) {
+    try {
+      if (tryRecv(fd, SCRATCH) <= 0) return;
+    } catch {
+      return;
+    }
   }
 }
 

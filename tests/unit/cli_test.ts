@@ -139,7 +139,7 @@ Deno.test("cli: every option, long and short", () => {
   assert.equal(o.allocationDepth, true);
   assert.deepEqual(o.trace, ["nbd_*"]);
   assert.deepEqual(o.objects, ["secret,id=s0,data=x"]);
-  assert.deepEqual(unsupportedOptions(o), ["--object is not supported yet"]);
+  assert.deepEqual(unsupportedOptions(o), []);
   assert.equal(serve(["-p", "10900", "f"]).port, 10900);
   assert.equal(serve(["--bind", "::1", "f"]).bind, "::1");
 });
@@ -352,12 +352,30 @@ Deno.test("cli: argument count and mode checks", () => {
   );
   rejects(["--tls-creds=t", "-c", "/dev/nbd0", "f"], "TLS is not supported with a host device");
   rejects(["--selinux-label=l", "f"], "--selinux-label is not permitted without --socket");
-  const tls = serve(["--tls-creds=t", "--tls-authz=a", "-k", "/s", "--selinux-label=l", "f"]);
-  assert.deepEqual(unsupportedOptions(tls), [
-    "--tls-creds is not supported yet",
-    "--tls-authz is not supported yet",
-    "--selinux-label is not supported yet",
+  rejects(["--tls-creds=t", "f"], "Failed to get TLS creds: No TLS credentials with id 't'");
+  rejects(
+    ["--object", "secret,id=t,data=x", "--tls-creds=t", "f"],
+    "Failed to get TLS creds: Object with id 't' is not TLS credentials",
+  );
+  rejects(
+    ["--object", "tls-creds-anon,id=t", "--tls-creds=t", "f"],
+    "Failed to get TLS creds: Expected TLS credentials for a server endpoint",
+  );
+  rejects(
+    ["-L", "--object", "tls-creds-anon,id=t,endpoint=server", "--tls-creds=t"],
+    "Failed to get TLS creds: Expected TLS credentials for a client endpoint",
+  );
+  const tls = serve([
+    "--object",
+    "tls-creds-anon,id=t,endpoint=server",
+    "--tls-creds=t",
+    "--tls-authz=a",
+    "-k",
+    "/s",
+    "--selinux-label=l",
+    "f",
   ]);
+  assert.deepEqual(unsupportedOptions(tls), ["--selinux-label is not supported yet"]);
   const dev = serve(["-d", "/dev/nbd0"]);
   assert.equal(dev.disconnect, true);
   assert.equal(dev.image.filename, "/dev/nbd0");
@@ -751,6 +769,41 @@ Deno.test("cli: qemu-nbd 7.2 rejects what denbd rejects", async () => {
         ["-k", sock(), "-L", "--fork"],
         "List mode is incompatible with forking",
         "List mode is incompatible with forking",
+      ],
+      [
+        ["-k", sock(), "--tls-creds=nope", missing],
+        "Failed to get TLS creds: No TLS credentials with id 'nope'",
+        "Failed to get TLS creds: No TLS credentials with id 'nope'",
+      ],
+      [
+        ["-k", sock(), "--object", "secret,id=s,data=1", "--tls-creds=s", missing],
+        "Object with id 's' is not TLS credentials",
+        "Object with id 's' is not TLS credentials",
+      ],
+      [
+        ["-k", sock(), "--object", "tls-creds-anon,id=t", "--tls-creds=t", missing],
+        "Expected TLS credentials for a server endpoint",
+        "Expected TLS credentials for a server endpoint",
+      ],
+      [
+        ["-k", sock(), "--object", "tls-creds-x509,id=t,endpoint=server", missing],
+        "Missing 'dir' property value",
+        "Missing 'dir' property value",
+      ],
+      [
+        ["-k", sock(), "--object", "secret,id=a,data=1", "--object", "secret,id=a,data=2", missing],
+        "attempt to add duplicate property 'a' to object (type 'container')",
+        "attempt to add duplicate property 'a' to object (type 'container')",
+      ],
+      [
+        ["-k", sock(), "--object", "authz-list,id=l,rules.0.match=x", missing],
+        "Parameter 'rules.0.policy' is missing",
+        "Parameter 'rules.0.policy' is missing",
+      ],
+      [
+        ["-k", sock(), "--object", "nosuch,id=x", "-x"],
+        "Parameter 'qom-type' does not accept value 'nosuch'",
+        "Parameter 'qom-type' does not accept value 'nosuch'",
       ],
       [
         ["-k", sock(), "--tls-authz=x", missing],
