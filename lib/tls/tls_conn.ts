@@ -53,8 +53,6 @@ export interface TlsSetup {
 
 /** Plaintext bytes written per call before control returns to the caller's loop. */
 const WRITE_BURST = 1024 * 1024;
-/** TLS's largest record payload. */
-const RECORD_MAX = 16 * 1024;
 
 export class TlsConn implements ByteConn {
   readonly #under: FdStream;
@@ -184,44 +182,30 @@ export class TlsConn implements ByteConn {
   }
 
   /**
-   * Plaintext written from `p` (at least one byte). Payloads of several records are corked:
-   * GnuTLS encrypts them all and hands them to the socket in one write.
+   * Plaintext written from `p` (at least one byte): one record per GnuTLS call, each sent at
+   * once, up to WRITE_BURST. Not corked: GnuTLS's cork copies the payload into one buffer and
+   * then still sends it a record at a time.
    */
   async write(p: Uint8Array): Promise<number> {
     const g = gnutls();
-    if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
-    if (p.length <= RECORD_MAX) return await this.#writeSome(p);
-    const n = Math.min(p.length, WRITE_BURST);
-    g.gnutls_record_cork(this.#session);
+    const limit = Math.min(p.length, WRITE_BURST);
     let done = 0;
-    while (done < n) {
-      const chunk = p.subarray(done, n);
-      const r = Number(g.gnutls_record_send(this.#session, chunk, BigInt(chunk.length)));
-      if (r <= 0) throw new TlsError(`Cannot write to TLS channel: ${ioReason(r)}`);
-      done += r;
-    }
     for (;;) {
-      const r = g.gnutls_record_uncork(this.#session, 0);
-      if (r >= 0) return done;
-      if (r !== GNUTLS_E_AGAIN && r !== GNUTLS_E_INTERRUPTED) {
-        throw new TlsError(`Cannot write to TLS channel: ${ioReason(r)}`);
-      }
-      await this.#loop.wait(this.#fd, POLLOUT);
       if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
-    }
-  }
-
-  async #writeSome(p: Uint8Array): Promise<number> {
-    const g = gnutls();
-    for (;;) {
-      const n = Number(g.gnutls_record_send(this.#session, p, BigInt(p.length)));
-      if (n > 0) return n;
+      const rest = p.subarray(done, limit);
+      const n = Number(g.gnutls_record_send(this.#session, rest, BigInt(rest.length)));
+      if (n > 0) {
+        done += n;
+        if (done >= limit) return done;
+        continue;
+      }
       if (n !== GNUTLS_E_AGAIN && n !== GNUTLS_E_INTERRUPTED) {
         throw new TlsError(`Cannot write to TLS channel: ${ioReason(n)}`);
       }
-      // GnuTLS holds the record it began: the next call must offer the same bytes.
+      // GnuTLS holds the record it began; the next call must offer the same bytes first, which
+      // the caller's write of the rest does.
+      if (done > 0) return done;
       await this.#waitDirection();
-      if (this.closed) throw new Deno.errors.BrokenPipe("connection closed");
     }
   }
 
