@@ -28,6 +28,12 @@ import {
 import { type Origin, startOrigin } from "./bench_lib/origins.ts";
 import { ROW_DEFS } from "./bench_lib/rows.ts";
 import { SERVER_DEFS, ServerHandle } from "./bench_lib/servers.ts";
+import {
+  type BenchCredentials,
+  clientUri,
+  makeBenchCredentials,
+  removeBenchCredentials,
+} from "./bench_lib/tls.ts";
 import { FORMAT_INFO } from "./bench_lib/types.ts";
 import type { ImageFormat, RowContext, RowDef, ServerDef } from "./bench_lib/types.ts";
 
@@ -165,7 +171,8 @@ type Results = {
   /** How each remote format's origin ran, for the notes. */
   origins: string[];
 };
-type Files = { master: string; source: string };
+/** The master image, the write rows' source, and the TLS rows' credentials (when selected). */
+type Files = { master: string; source: string; tls?: BenchCredentials };
 
 /** Measures `row` once on `h` into `cells[h.def.id]`; a failure closes the cell, never the run. */
 async function measureInto(
@@ -184,7 +191,7 @@ async function measureInto(
     return;
   }
   const ctx: RowContext = {
-    uri: `nbd+unix:///?socket=${h.target.socket}`,
+    uri: clientUri(h.target),
     imageBytes: o.imageBytes,
     sourceFile: run.files.source,
     runtimeSeconds: o.runtime,
@@ -221,9 +228,12 @@ async function startInstance(
     await prepareImage(files.master, image, format);
     if (!FORMAT_INFO[format].freshPerRun) await warmPageCache(image);
   }
+  const mode = FORMAT_INFO[format].tls;
+  if (mode !== undefined && files.tls === undefined) throw new Error("no TLS credentials");
+  const tls = mode === undefined ? undefined : { mode, creds: files.tls! };
   const h = await ServerHandle.start(
     def,
-    { socket: `${o.dir}/${def.id}.sock`, image, format },
+    { socket: `${o.dir}/${def.id}.sock`, image, format, tls },
     { logFile: `${o.dir}/${def.id}-${format}.log`, timeoutMs: o.startTimeoutMs },
   );
   if (h.failure) console.log(`  ${def.label}: ${h.failure}`);
@@ -355,7 +365,10 @@ async function main(args: string[]): Promise<number> {
       `${mib} MiB image, ${o.runtime} s fio runs: estimated ${formatDuration(estimate)}`,
   );
 
-  const files = { master: `${o.dir}/master-${mib}M.raw`, source: `${o.dir}/source-${mib}M.raw` };
+  const files: Files = {
+    master: `${o.dir}/master-${mib}M.raw`,
+    source: `${o.dir}/source-${mib}M.raw`,
+  };
   console.log(`Preparing ${mib} MiB dense images in ${o.dir}`);
   await ensureDenseFile(files.master, o.imageBytes, 0x9e3779b9);
   await ensureDenseFile(files.source, o.imageBytes, 0x85ebca6b);
@@ -368,8 +381,17 @@ async function main(args: string[]): Promise<number> {
     );
   }
   const formats = [...new Set(o.rows.map((r) => r.format))];
-  for (const format of formats) {
-    await runFormat(o, format, o.rows.filter((r) => r.format === format), files, results);
+  const withTls = formats.some((f) => FORMAT_INFO[f].tls !== undefined);
+  if (withTls) {
+    console.log("Making TLS credentials (certtool)");
+    files.tls = await makeBenchCredentials();
+  }
+  try {
+    for (const format of formats) {
+      await runFormat(o, format, o.rows.filter((r) => r.format === format), files, results);
+    }
+  } finally {
+    if (files.tls) await removeBenchCredentials(files.tls);
   }
 
   const report: BenchResults = {
@@ -407,6 +429,13 @@ async function main(args: string[]): Promise<number> {
         "`nbdkit -r nbd socket=ORIGIN` or `nbdkit -r curl URL`); CPU and RSS are the proxy's " +
         "alone. nbdkit 1.32 has no qcow2 reader, so its qcow2-via-HTTP cell is n/a (—).",
         ...results.origins.map((d) => `Origin, ${d}.`),
+      ]),
+      ...(!withTls ? [] : [
+        "TLS rows: the raw image over TLS 1.3 with one set of credentials made by certtool " +
+        "(RSA 2048). denbd and qemu-nbd: `--object tls-creds-x509,...,verify-peer=on` or " +
+        "`tls-creds-psk` and `--tls-creds`; nbdkit: `--tls=require --tls-certificates=DIR " +
+        "--tls-verify-peer` or `--tls=require --tls-psk=FILE`. Clients use `nbds+unix://` with " +
+        "`tls-certificates=` (a client certificate) or `tls-psk-file=`.",
       ]),
     ],
     servers: o.servers,

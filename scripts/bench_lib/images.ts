@@ -57,6 +57,8 @@ export async function prepareImage(
   await Deno.remove(dest).catch(() => {});
   switch (format) {
     case "raw":
+    case "tls-x509":
+    case "tls-psk":
       await Deno.copyFile(master, dest);
       return;
     case "qcow2":

@@ -20,6 +20,9 @@ const PREPARE_SECONDS_PER_GIB: Readonly<Record<ImageFormat, number>> = {
   "nbd-raw": 0.5,
   "http-raw": 0.5,
   "http-qcow2": 1,
+  // A raw copy each.
+  "tls-x509": 1.5,
+  "tls-psk": 1.5,
 };
 /** Seconds to start a server and wait for its socket, and to stop it. */
 const SERVER_CYCLE_SECONDS = 2;

@@ -5,7 +5,8 @@
  * or any of them with `format: "qcow2"`.
  *
  * Row ids are systematic: `seq-<read|write>-nbdcopy-c<connections>-<format>` and
- * `fio-<rw>-<bs>k-qd<iodepth>-j<jobs>-<format>`; remote formats (`nbd-raw`, `http-raw`,
+ * `fio-<rw>-<bs>k-qd<iodepth>-j<jobs>-<format>` (and `libnbd-randread-4k-qd32-<format>` for what
+ * fio cannot open); remote formats (`nbd-raw`, `http-raw`,
  * `http-qcow2`) re-export an origin (see origins.ts).
  *
  * @module
@@ -139,6 +140,55 @@ export function fioRow(o: FioRowOptions): RowDef {
   };
 }
 
+/** The Python random-read client (see the script's docstring for why it exists). */
+const LIBNBD_RANDREAD = decodeURIComponent(
+  new URL("./libnbd_randread.py", import.meta.url).pathname,
+);
+
+/**
+ * 4 KiB random reads at QD32 over one connection by libnbd's Python binding: the random row for
+ * URIs fio's nbd engine refuses (`tls-certificates=` and `tls-psk-file=` name local files).
+ * Debian's python3 only.
+ */
+export function libnbdRandReadRow(o: { format: ImageFormat }): RowDef {
+  const iodepth = 32;
+  const bs = 4096;
+  return {
+    id: `libnbd-randread-4k-qd${iodepth}-${o.format}`,
+    title: `4 KiB randread (libnbd python, QD${iodepth}), ${FORMAT_INFO[o.format].label}, IOPS`,
+    format: o.format,
+    unit: "IOPS",
+    quick: false,
+    estimateSeconds: (ctx) => ctx.runtimeSeconds + 1,
+    run: async (ctx: RowContext): Promise<Sample> => {
+      const argv = [
+        "/usr/bin/python3",
+        LIBNBD_RANDREAD,
+        ctx.uri,
+        String(ctx.runtimeSeconds),
+        String(iodepth),
+        String(bs),
+      ];
+      let stdout: string;
+      try {
+        const limitS = ctx.runtimeSeconds + FIO_GRACE_SECONDS;
+        ({ stdout } = await runClient(argv, { timeoutMs: limitS * 1000 }));
+      } catch (e) {
+        if (e instanceof ClientError) {
+          throw new Error(e.stderr.trim().split("\n").at(-1) || e.message);
+        }
+        throw e;
+      }
+      const r = JSON.parse(stdout.trim().split("\n").at(-1) ?? "") as {
+        ios: number;
+        bytes: number;
+        seconds: number;
+      };
+      return { value: r.ios / r.seconds, bytes: r.bytes, seconds: r.seconds };
+    },
+  };
+}
+
 /**
  * One line for a failed fio run from its stderr, e.g. "fio: write failed: Operation not permitted
  * (first at offset 4046848)", or undefined if stderr has no I/O error line.
@@ -196,7 +246,7 @@ function randomMatrix(format: ImageFormat, quick: readonly string[]): RowDef[] {
   return rows;
 }
 
-/** Every row, in run order (issues 2, 4 and 5). */
+/** Every row, in run order (issues 2, 4, 5 and 11). */
 export const ROW_DEFS: readonly RowDef[] = [
   // raw: nbdcopy over 1, 2 and 4 connections, then the fio matrix.
   ...[1, 2, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, quick: c === 4 })),
@@ -217,4 +267,11 @@ export const ROW_DEFS: readonly RowDef[] = [
   // ... or reads an image from nginx (its HTTP client; nbdkit cannot read qcow2).
   nbdcopyRow({ direction: "read", connections: 1, format: "http-raw" }),
   nbdcopyRow({ direction: "read", connections: 1, format: "http-qcow2" }),
+  // TLS (issue 11): the raw image over x509 and PSK, sequential and random reads. fio's nbd
+  // engine refuses URIs that name local files (tls-certificates=, tls-psk-file=), so the random
+  // rows use libnbd's Python binding.
+  ...(["tls-x509", "tls-psk"] as const).flatMap((format) => [
+    ...[1, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, format })),
+    libnbdRandReadRow({ format }),
+  ]),
 ];

@@ -20,12 +20,15 @@ import {
 import type { ImageFormat, ServerDef, ServeTarget } from "./types.ts";
 import { DENBD_PERMISSIONS } from "../../lib/permissions.ts";
 import { driverOf, FORMAT_INFO } from "./types.ts";
+import { nbdkitTlsArgs, qemuTlsArgs } from "./tls.ts";
 
 /** denbd's entry point, found relative to this file so the script runs from any directory. */
 const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
 
 /** Image formats read from a local file. */
 const FILE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"];
+/** Raw served over TLS (x509, PSK). */
+const TLS_FORMATS: readonly ImageFormat[] = ["tls-x509", "tls-psk"];
 /** Remote formats (an origin re-exported read-only). */
 const REMOTE_FORMATS: readonly ImageFormat[] = ["nbd-raw", "http-raw", "http-qcow2"];
 
@@ -49,7 +52,9 @@ function denbdDef(
   return {
     id,
     label,
-    formats: options.length > 0 ? FILE_FORMATS : [...FILE_FORMATS, ...REMOTE_FORMATS],
+    formats: options.length > 0
+      ? FILE_FORMATS
+      : [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS],
     argv: (t) => [
       // env(1) execs, so the measured pid is still the server's.
       ...(env.length > 0 ? ["env", ...env] : []),
@@ -58,6 +63,7 @@ function denbdDef(
       ...DENBD_PERMISSIONS,
       main() ?? DENBD_MAIN,
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...qemuTlsArgs(t),
       ...options,
       t.image,
     ],
@@ -110,11 +116,12 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
-    formats: [...FILE_FORMATS, ...REMOTE_FORMATS],
+    formats: [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS],
     // qemu-nbd's own defaults, spelled out (the file options mean nothing to nbd/curl nodes).
     argv: (t) => [
       "qemu-nbd",
       ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...qemuTlsArgs(t),
       ...(FORMAT_INFO[t.format].remote ? [] : ["--cache=writeback", "--aio=threads"]),
       t.image,
     ],
@@ -123,9 +130,13 @@ export const SERVER_DEFS: readonly ServerDef[] = [
     id: "nbdkit",
     label: "nbdkit",
     // No qcow2 reader in nbdkit 1.32, so http-qcow2 is not run ("—").
-    formats: ["raw", "nbd-raw", "http-raw"],
+    formats: ["raw", "nbd-raw", "http-raw", ...TLS_FORMATS],
     // -f: stay in the foreground so the PID we hold is the server; default 16 threads.
-    argv: (t) => ["nbdkit", "-f", "--exit-with-parent", "-U", t.socket, ...nbdkitPlugin(t)],
+    argv: (t) => [
+      "nbdkit",
+      ...["-f", "--exit-with-parent", "-U", t.socket, ...nbdkitTlsArgs(t)],
+      ...nbdkitPlugin(t),
+    ],
   },
   {
     id: "qemu-nbd-io_uring",

@@ -6,6 +6,8 @@
  * @module
  */
 
+import type { BenchCredentials } from "./tls.ts";
+
 /**
  * Images the benchmark can prepare:
  * - `raw`: a copy of the dense pseudo-random master;
@@ -18,6 +20,9 @@
  * re-export it read-only (their NBD or HTTP client is what is measured):
  * - `nbd-raw`: the raw master exported by `qemu-nbd -t -e 0 -r -f raw` on a unix socket;
  * - `http-raw` / `http-qcow2`: the raw master / its qcow2 conversion served by nginx on loopback.
+ *
+ * TLS formats are a private raw copy served over TLS (see tls.ts), the clients connecting with
+ * `nbds+unix://`: `tls-x509` (certificates, the client's verified) and `tls-psk` (a pre-shared key).
  */
 export type ImageFormat =
   | "raw"
@@ -26,10 +31,15 @@ export type ImageFormat =
   | "qcow2-empty"
   | "nbd-raw"
   | "http-raw"
-  | "http-qcow2";
+  | "http-qcow2"
+  | "tls-x509"
+  | "tls-psk";
 
 /** Where a remote format's origin is: an NBD server or an HTTP server. */
 export type RemoteKind = "nbd" | "http";
+
+/** How a TLS format authenticates. */
+export type TlsMode = "x509" | "psk";
 
 /** What the tables and the runner need to know about an image format. */
 export interface FormatInfo {
@@ -39,6 +49,8 @@ export interface FormatInfo {
   readonly freshPerRun: boolean;
   /** Set for formats read through an origin server instead of a private file. */
   readonly remote?: RemoteKind;
+  /** Set for formats served over TLS. */
+  readonly tls?: TlsMode;
 }
 
 /** How each image format is named in tables, and how it is prepared. */
@@ -50,11 +62,16 @@ export const FORMAT_INFO: Readonly<Record<ImageFormat, FormatInfo>> = {
   "nbd-raw": { label: "raw via NBD (qemu-nbd origin)", freshPerRun: false, remote: "nbd" },
   "http-raw": { label: "raw via HTTP (nginx)", freshPerRun: false, remote: "http" },
   "http-qcow2": { label: "qcow2 via HTTP (nginx)", freshPerRun: false, remote: "http" },
+  "tls-x509": { label: "raw over TLS (x509)", freshPerRun: false, tls: "x509" },
+  "tls-psk": { label: "raw over TLS (PSK)", freshPerRun: false, tls: "psk" },
 };
 
 /** The `-f` driver name that serves an image format. */
 export function driverOf(format: ImageFormat): "raw" | "qcow2" {
-  return format === "raw" || format === "nbd-raw" || format === "http-raw" ? "raw" : "qcow2";
+  return format === "raw" || format === "nbd-raw" || format === "http-raw" ||
+      FORMAT_INFO[format].tls !== undefined
+    ? "raw"
+    : "qcow2";
 }
 
 /** Where a server instance runs and what it serves. */
@@ -68,6 +85,8 @@ export interface ServeTarget {
   readonly image: string;
   /** Format of `image`. */
   readonly format: ImageFormat;
+  /** For a TLS format: how, and the credentials. */
+  readonly tls?: { readonly mode: TlsMode; readonly creds: BenchCredentials };
 }
 
 /** One NBD server under test. */
