@@ -299,7 +299,7 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
   for (const id of ids) {
     assert.match(
       id,
-      /^(seq-(read|write)-nbdcopy-c[124]|fio-rand(read|write)-4k-qd(1|32)-j[14])-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2)$/,
+      /^(seq-(read|write)-nbdcopy-c[124]|(fio-rand(read|write)-4k-qd(1|32)-j[14])|libnbd-randread-4k-qd32)-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2|tls-x509|tls-psk)$/,
     );
   }
   for (const format of ["raw", "qcow2"]) {
@@ -323,7 +323,13 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
       "seq-read-nbdcopy-c1-http-qcow2",
     ]
   ) assert.ok(ids.includes(id), id);
-  for (const r of ROW_DEFS.filter((r) => /nbd-raw|http/.test(r.format))) {
+  // TLS rows (issue 11): sequential and random reads, x509 and PSK.
+  for (const tls of ["tls-x509", "tls-psk"]) {
+    for (const id of ["seq-read-nbdcopy-c1", "seq-read-nbdcopy-c4", "libnbd-randread-4k-qd32"]) {
+      assert.ok(ids.includes(`${id}-${tls}`), `${id}-${tls}`);
+    }
+  }
+  for (const r of ROW_DEFS.filter((r) => /nbd-raw|http|tls/.test(r.format))) {
     assert.doesNotMatch(r.id, /write/, `${r.id}: origins are read-only`);
   }
   const quick = selectRows(ROW_DEFS, { quick: true });
