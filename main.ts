@@ -1,8 +1,9 @@
 /**
  * denbd: serve a disk image over NBD with qemu-nbd's command line.
  *
- * Only wiring here: command line → serve mode (lib/server.ts). `--fork` re-runs this program
- * in the background (Deno cannot fork) and returns once the child is listening.
+ * Only wiring here: command line → serve mode (lib/server.ts), `-L` and `-d`. `--fork`, and
+ * `-c` without `-v` as in qemu-nbd, re-run this program in the background (Deno cannot fork) and
+ * return once the child is listening (with -c: once the device is connected).
  *
  * @module
  */
@@ -16,6 +17,8 @@ import type { ObjectLookup } from "./lib/objects/types.ts";
 import type { TlsCredentials } from "./lib/tls/creds.ts";
 import { libc, O_RDWR, openFile } from "./ffi/libc.ts";
 import { DENBD_PERMISSIONS } from "./lib/permissions.ts";
+import { systemNbdOps } from "./ffi/nbd_ioctl.ts";
+import { DeviceError, disconnectDevice } from "./lib/kernel/nbd_device.ts";
 
 /** Set in the --fork child: it reports readiness on stdout and then stays quiet there. */
 const FORK_CHILD_ENV = "DENBD_FORK_CHILD";
@@ -47,12 +50,15 @@ async function main(args: string[]): Promise<number> {
   }
   const options = command.options;
   if (options.list) return await listMode(options, command.objects);
+  if (options.disconnect) return disconnectMode(options.file!);
   const unsupported = unsupportedOptions(options);
   if (unsupported.length > 0) {
     for (const msg of unsupported) printError(msg);
     return 1;
   }
-  if (options.fork) {
+  const forkChild = Deno.env.get(FORK_CHILD_ENV) === "1";
+  // qemu-nbd -c without -v goes to the background too, once the device is connected.
+  if (!forkChild && (options.fork || (options.connect !== undefined && !options.verbose))) {
     if (options.activation > 0) {
       // The background child is a new process: the inherited socket cannot follow it.
       printError("--fork with socket activation is not supported yet");
@@ -60,7 +66,6 @@ async function main(args: string[]): Promise<number> {
     }
     return await forkServer(args);
   }
-  const forkChild = Deno.env.get(FORK_CHILD_ENV) === "1";
   try {
     return await runServer(options, {
       error: (msg) => console.error(msg),
@@ -70,6 +75,19 @@ async function main(args: string[]): Promise<number> {
     printError(describeStartError(e));
     return 1;
   }
+}
+
+/** -d: disconnect the device (qemu's nbd_disconnect) and say so on stdout. */
+function disconnectMode(device: string): number {
+  try {
+    disconnectDevice(systemNbdOps(), device);
+  } catch (e) {
+    printError(describeStartError(e));
+    if (e instanceof DeviceError && e.hint !== undefined) console.error(e.hint);
+    return 1;
+  }
+  console.log(`${device} disconnected`);
+  return 0;
 }
 
 function describeStartError(e: unknown): string {

@@ -60,6 +60,10 @@ const SYMBOLS = {
   strerror: { parameters: ["i32"], result: "pointer" },
   // int ioctl(int fd, unsigned long request, ...) with an integer argument
   ioctl: { parameters: ["i32", "u64", "u64"], result: "i32" },
+  // The same on Deno's blocking pool, for an ioctl that sleeps (NBD_DO_IT lasts the device's life).
+  ioctl_nb: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32", nonblocking: true },
+  // open(2) on the blocking pool: opening a /dev/nbd device reads its partition table through us.
+  open_nb: { name: "open", parameters: ["buffer", "i32", "u32"], result: "i32", nonblocking: true },
   // int fstat(int fd, struct stat *buf) -- x86_64 layout: st_dev u64 @0, st_ino u64 @8, st_mode u32 @24
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   // int dup2(int oldfd, int newfd)

@@ -24,13 +24,23 @@ import { FIRST_ACTIVATION_FD } from "./cli/socket_activation.ts";
 import type { ObjectLookup } from "./objects/types.ts";
 import type { TlsUpgrade } from "./nbd/session.ts";
 import { serverCredentials, serverTlsUpgrade } from "./tls/server_tls.ts";
+import { attachDevice, type AttachedDevice } from "./kernel/device_client.ts";
+import { DeviceError } from "./kernel/nbd_device.ts";
 
 /** How the server talks to the outside world (stderr, readiness for --fork). */
 export interface ServerIo {
   /** Error and warning output (stderr). */
   readonly error: (msg: string) => void;
-  /** Called once the socket is listening (the --fork child tells its parent). */
+  /**
+   * Called once the socket is listening, or with -c once the device is connected (the --fork
+   * child tells its parent).
+   */
   readonly ready?: () => void;
+}
+
+/** Where qemu-nbd -c listens when -k does not say (its SOCKET_PATH). */
+export function deviceSocketPath(device: string): string {
+  return `/var/lock/qemu-nbd-${device.slice(device.lastIndexOf("/") + 1)}`;
 }
 
 /**
@@ -63,6 +73,8 @@ export async function runServer(
     ? { transport: "fd", fd: FIRST_ACTIVATION_FD }
     : options.socket !== undefined
     ? { transport: "unix", path: options.socket }
+    : options.connect !== undefined
+    ? { transport: "unix", path: deviceSocketPath(options.connect) }
     : { transport: "tcp", hostname: options.bind, port: options.port };
   if (address.transport === "unix") removeStaleSocket(address.path);
 
@@ -99,13 +111,31 @@ export async function runServer(
   }
 
   if (options.pidFile !== undefined) Deno.writeTextFileSync(options.pidFile, `${Deno.pid}\n`);
-  io.ready?.();
 
   const onSignal = () => listener.stop();
   const signals: Deno.Signal[] = ["SIGTERM", "SIGINT", "SIGHUP"];
   for (const s of signals) Deno.addSignalListener(s, onSignal);
+  let exitCode = 0;
+  let attached: AttachedDevice | undefined;
   try {
+    if (options.connect !== undefined && address.transport === "unix") {
+      attached = await connectDevice(options, options.connect, address.path, loop, io, report);
+      if (attached === undefined) {
+        exitCode = 1;
+        listener.stop();
+      } else if (attached.done !== undefined) {
+        // qemu-nbd's client thread ends the server once the device is disconnected.
+        void attached.done.then((ok) => {
+          if (!ok) exitCode = 1;
+          listener.stop();
+        });
+      }
+    } else {
+      io.ready?.();
+    }
     await listener.done;
+    // Closing the connections ends NBD_DO_IT; let the device be cleared before exiting.
+    if (attached?.done !== undefined) await boundedWait(attached.done, DEVICE_CLEAR_WAIT_MS);
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
     await plane?.shutdown();
@@ -120,7 +150,48 @@ export async function runServer(
     // process exits); the pid file stays, as qemu-nbd leaves it.
     if (address.transport === "unix") removeStaleSocket(address.path);
   }
-  return 0;
+  return exitCode;
+}
+
+/** How long exit waits for the kernel to let go of a -c device. */
+const DEVICE_CLEAR_WAIT_MS = 5000;
+
+async function boundedWait(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([p, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  clearTimeout(timer);
+}
+
+/**
+ * -c: bind the device to the server we just started. On failure the reason is reported in
+ * qemu-nbd's words (a hint on the next line where denbd has one) and undefined returned.
+ */
+async function connectDevice(
+  options: ServerOptions,
+  device: string,
+  socket: string,
+  loop: ReadinessLoop,
+  io: ServerIo,
+  report: (msg: string) => void,
+): Promise<AttachedDevice | undefined> {
+  try {
+    const attached = await attachDevice({
+      device,
+      socket,
+      loop,
+      connections: options.connections,
+      deadConnTimeout: options.deadConnTimeout,
+    });
+    if (options.verbose) {
+      io.error(`NBD device ${device} is now connected to ${options.file}`);
+    }
+    io.ready?.();
+    return attached;
+  } catch (e) {
+    report(e instanceof Error ? e.message : String(e));
+    if (e instanceof DeviceError && e.hint !== undefined) io.error(e.hint);
+    return undefined;
+  }
 }
 
 /** What the handshake advertises for the export the options name (here and in data threads). */

@@ -59,6 +59,10 @@ export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "trace",
   "image-opts",
   "handshake-limit",
+  "connect",
+  "disconnect",
+  "connections",
+  "dead-conn-timeout",
 ]);
 
 const SECTIONS: readonly HelpSection[] = [
@@ -96,7 +100,11 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "verbose",
         usage: "-v, --verbose",
-        text: ["say which I/O engine --aio fell back to (errors", "are printed without -v too)"],
+        text: [
+          "say which I/O engine --aio fell back to; with -c",
+          "stay in the foreground (errors are printed",
+          "without -v too)",
+        ],
       },
       {
         id: "export-name",
@@ -175,6 +183,19 @@ const SECTIONS: readonly HelpSection[] = [
         id: "disconnect",
         usage: "-d, --disconnect",
         text: ["detach the NBD device given as FILE"],
+      },
+      {
+        id: "connections",
+        usage: "--connections=N",
+        text: [
+          "with -c: bind DEV over netlink with N sockets",
+          "(needs -e 0 or -e N or more; denbd only)",
+        ],
+      },
+      {
+        id: "dead-conn-timeout",
+        usage: "--dead-conn-timeout=S",
+        text: ["with --connections: fail I/O after S seconds", "without a live connection"],
       },
     ],
   },

@@ -104,6 +104,12 @@ export interface ServerOptions {
   readonly selinuxLabel: string | undefined;
   /** -c/--connect DEV, -d/--disconnect, -L/--list: client modes. */
   readonly connect: string | undefined;
+  /** --connections (denbd's): bind -c's device over netlink with this many sockets. */
+  readonly connections: number | undefined;
+  /** --dead-conn-timeout (denbd's): seconds the kernel waits for a dead connection. */
+  readonly deadConnTimeout: number | undefined;
+  /** FILE as given (or the --image-opts string): -v names it, -d reads it as the device. */
+  readonly file: string | undefined;
   readonly disconnect: boolean;
   readonly list: boolean;
   /** Socket activation: how many listening sockets the launcher handed over (0: none). */

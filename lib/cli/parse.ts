@@ -68,7 +68,9 @@ type OptionId =
   | "fork"
   | "pidFile"
   | "selinuxLabel"
-  | "handshakeLimit";
+  | "handshakeLimit"
+  | "connections"
+  | "deadConnTimeout";
 
 /** qemu-nbd 7.2's short option string, kept for reference and checked by the tests. */
 export const SHORT_OPTIONS = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L";
@@ -111,6 +113,8 @@ export const OPTION_TABLE: readonly OptionSpec<OptionId>[] = [
   { id: "selinuxLabel", long: "selinux-label", hasArg: true },
   // qemu 10's option; an extension here, so "--h" still means --help as in 7.2.
   { id: "handshakeLimit", long: "handshake-limit", hasArg: true, extension: true },
+  { id: "connections", long: "connections", hasArg: true, extension: true },
+  { id: "deadConnTimeout", long: "dead-conn-timeout", hasArg: true, extension: true },
 ];
 
 /** NBD_MAX_STRING_SIZE: the longest export name or description qemu-nbd accepts, in bytes. */
@@ -178,6 +182,8 @@ interface Draft {
   pidFile: string | undefined;
   verbose: boolean;
   handshakeLimit: number;
+  connections: number | undefined;
+  deadConnTimeout: number | undefined;
   tlsCreds: string | undefined;
   tlsAuthz: string | undefined;
   tlsHostname: string | undefined;
@@ -219,6 +225,8 @@ function newDraft(): Draft {
     pidFile: undefined,
     verbose: false,
     handshakeLimit: 10,
+    connections: undefined,
+    deadConnTimeout: undefined,
     tlsCreds: undefined,
     tlsAuthz: undefined,
     tlsHostname: undefined,
@@ -395,6 +403,22 @@ function apply(d: Draft, id: OptionId, value: string): void {
       d.handshakeLimit = v;
       return;
     }
+    case "connections": {
+      const v = parseInt32(value, 0);
+      if (typeof v !== "number" || v < 1 || v > 64) {
+        throw new CliError(`Invalid number of connections '${value}' (1 to 64)`);
+      }
+      d.connections = v;
+      return;
+    }
+    case "deadConnTimeout": {
+      const v = parseInt32(value, 0);
+      if (typeof v !== "number" || v < 0) {
+        throw new CliError(`Invalid dead connection timeout '${value}'`);
+      }
+      d.deadConnTimeout = v;
+      return;
+    }
     case "help":
     case "version":
       return; // handled by the caller
@@ -462,6 +486,22 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     }
   }
 
+  if (d.connections !== undefined && d.connect === undefined) {
+    throw new CliError("--connections is only supported with -c");
+  }
+  if (d.deadConnTimeout !== undefined && d.connections === undefined) {
+    throw new CliError("--dead-conn-timeout needs --connections (the netlink interface)");
+  }
+  if (
+    d.connections !== undefined && d.connections > 1 && d.shared !== 0 &&
+    d.shared < d.connections
+  ) {
+    throw new CliError(
+      `--connections=${d.connections} needs -e 0 or -e ${d.connections} or more (the server ` +
+        "must accept them all and advertise NBD_FLAG_CAN_MULTI_CONN)",
+    );
+  }
+
   if (d.tlsCreds !== undefined) {
     if (d.connect !== undefined) throw new CliError("TLS is not supported with a host device");
     if (d.tlsAuthz !== undefined && d.list) {
@@ -511,6 +551,8 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     pidFile: d.pidFile,
     verbose: d.verbose,
     handshakeLimit: d.handshakeLimit,
+    connections: d.connections,
+    deadConnTimeout: d.deadConnTimeout,
     tlsCreds: d.tlsCreds,
     tlsAuthz: d.tlsAuthz,
     tlsHostname: d.tlsHostname,
@@ -518,6 +560,7 @@ function finish(d: Draft, positionals: readonly string[]): ServerOptions {
     trace: Object.freeze([...d.trace]),
     selinuxLabel: d.selinuxLabel,
     connect: d.connect,
+    file,
     disconnect: d.disconnect,
     list: d.list,
     activation,
@@ -668,8 +711,6 @@ function forkChild(): boolean {
  * feature: delete the row when the feature lands.
  */
 const NOT_YET: readonly (readonly [used: (o: ServerOptions) => boolean, message: string])[] = [
-  [(o) => o.connect !== undefined, "-c/--connect is not supported yet"],
-  [(o) => o.disconnect, "-d/--disconnect is not supported yet"],
   [(o) => o.selinuxLabel !== undefined, "--selinux-label is not supported yet"],
 ];
 

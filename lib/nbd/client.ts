@@ -247,6 +247,11 @@ export interface NegotiateOptions {
    * `x-dirty-bitmap` name in its place; undefined selects none. Needs structured replies.
    */
   readonly metaContext?: string;
+  /**
+   * Ask for INFO_BLOCK_SIZE in NBD_OPT_GO (default true). qemu-nbd -c's client does not: the
+   * kernel is told 512-byte sectors unless the server insists on more.
+   */
+  readonly requestBlockSize?: boolean;
 }
 
 /** The export as negotiated. */
@@ -302,7 +307,7 @@ export async function negotiate(
     if (structured && opts.metaContext !== undefined) {
       contextId = await setMetaContext(oc, name, opts.metaContext);
     }
-    const go = await optGo(oc, name);
+    const go = await optGo(oc, name, opts.requestBlockSize ?? true);
     if (go === undefined) return await exportName(oc, name, g.noZeroes, structured, contextId);
     return { ...go, structured, metaContextId: contextId };
   } catch (e) {
@@ -350,10 +355,14 @@ async function setMetaContext(
 type GoResult = Omit<ExportInfo, "structured" | "metaContextId">;
 
 /** NBD_OPT_GO asking for INFO_BLOCK_SIZE; undefined when the server does not know GO. */
-async function optGo(oc: OptionClient, exportName: string): Promise<GoResult | undefined> {
-  const req = new Uint8Array(4);
-  view(req).setUint16(0, 1);
-  view(req).setUint16(2, NBD_INFO_BLOCK_SIZE);
+async function optGo(
+  oc: OptionClient,
+  exportName: string,
+  requestBlockSize: boolean,
+): Promise<GoResult | undefined> {
+  const req = new Uint8Array(requestBlockSize ? 4 : 2);
+  view(req).setUint16(0, requestBlockSize ? 1 : 0);
+  if (requestBlockSize) view(req).setUint16(2, NBD_INFO_BLOCK_SIZE);
   await oc.send(NBD_OPT_GO, nameQuery(exportName, req));
   let size = -1;
   let flags = 0;

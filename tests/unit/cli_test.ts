@@ -80,7 +80,7 @@ Deno.test("cli: option table matches qemu-nbd 7.2's short option string", () => 
   }
   assert.equal(rebuilt, SHORT_OPTIONS);
   assert.equal(OPTION_TABLE.filter((s) => s.short !== undefined).length, 22);
-  assert.equal(OPTION_TABLE.length, 35);
+  assert.equal(OPTION_TABLE.length, 37); // with denbd's 3 extensions (--handshake-limit, --connections, --dead-conn-timeout)
 });
 
 Deno.test("cli: every option, long and short", () => {
@@ -379,10 +379,7 @@ Deno.test("cli: argument count and mode checks", () => {
   const dev = serve(["-d", "/dev/nbd0"]);
   assert.equal(dev.disconnect, true);
   assert.equal(dev.image.filename, "/dev/nbd0");
-  assert.deepEqual(
-    unsupportedOptions(serve(["-c", "/dev/nbd0", "-s", "f"])),
-    ["-c/--connect is not supported yet"],
-  );
+  assert.deepEqual(unsupportedOptions(serve(["-c", "/dev/nbd0", "-s", "f"])), []);
 });
 
 Deno.test("cli: -l forces read-only and checks the snapshot.* form", () => {
@@ -936,4 +933,26 @@ Deno.test("cli: qemu-nbd 7.2 rejects what denbd rejects", async () => {
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("cli: -c, -d and denbd's --connections/--dead-conn-timeout", () => {
+  const c = serve(["-c", "/dev/nbd0", "-f", "qcow2", "vm.qcow2"]);
+  assert.equal(c.connect, "/dev/nbd0");
+  assert.equal(c.file, "vm.qcow2");
+  assert.equal(c.connections, undefined);
+  const d = serve(["-d", "/dev/nbd0"]);
+  assert.equal(d.disconnect, true);
+  assert.equal(d.file, "/dev/nbd0");
+  const n = serve(["-c", "/dev/nbd1", "--connections=4", "-e", "0", "--dead-conn-timeout=30", "x"]);
+  assert.equal(n.connections, 4);
+  assert.equal(n.deadConnTimeout, 30);
+  assert.equal(serve(["-c", "/dev/nbd1", "--connections=1", "x"]).connections, 1);
+  rejects(["--connections=2", "-e", "0", "x"], "--connections is only supported with -c");
+  rejects(["-c", "/dev/nbd1", "--connections=2", "x"], /needs -e 0 or -e 2 or more/);
+  rejects(["-c", "/dev/nbd1", "--connections=4", "-e", "3", "x"], /needs -e 0 or -e 4 or more/);
+  rejects(
+    ["-c", "/dev/nbd1", "--connections=0", "x"],
+    "Invalid number of connections '0' (1 to 64)",
+  );
+  rejects(["-c", "/dev/nbd1", "--dead-conn-timeout=5", "x"], /needs --connections/);
 });
