@@ -1,12 +1,12 @@
 /**
  * Opens a block node from qemu's flat option dictionary (what `json:{...}`, `--image-opts` and a
  * `PROTOCOL:` filename all become), the way qemu's bdrv_open reads it: a format driver (raw,
- * qcow2) over its `file` child, a protocol driver (file, null-co, null-aio, nbd, http, https) on
- * its own, or a filter (compress, copy-on-read) over its `file` child. Without `driver`, the
- * protocol comes from the filename and the format is probed over it.
+ * qcow2, vdi) over its `file` child, a protocol driver (file, null-co, null-aio, nbd, http,
+ * https) on its own, or a filter (compress, copy-on-read) over its `file` child. Without
+ * `driver`, the protocol comes from the filename and the format is probed over it.
  *
- * Plain files keep their fast path (FileEngine under RawDevice/qcow2); other protocols are
- * BlockDevices, seen as a file by qcow2 through DeviceFile.
+ * Plain files keep their fast path (FileEngine under RawDevice/qcow2/vdi); other protocols are
+ * BlockDevices, seen as a file by qcow2 and vdi through DeviceFile.
  *
  * @module
  */
@@ -33,9 +33,11 @@ import { openHttpProtocol } from "./protocols/http.ts";
 import { parseHttpFilename } from "./protocols/http_filename.ts";
 import { CompressFilter } from "./filters/compress.ts";
 import { CopyOnReadFilter } from "./filters/copy_on_read.ts";
-import { type BackingChain, openQcow2 } from "./qcow2/mod.ts";
+import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts";
 import { hasQcow2Magic } from "./qcow2/header.ts";
 import { RawDevice } from "./raw.ts";
+import { hasVdiSignature, openVdi } from "./vdi/mod.ts";
+import type { ImageFormat } from "../cli/options.ts";
 import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
 
 /** How every file of the export is opened (image, backing files, overlay): the engine. */
@@ -61,12 +63,12 @@ export interface NodeContext {
 /** An opened node. */
 export interface OpenedNode {
   readonly device: BlockDevice;
-  readonly format: "raw" | "qcow2" | "protocol" | "filter";
+  readonly format: ImageFormat | "protocol" | "filter";
   /** The format was guessed (qemu warns and guards block 0). */
   readonly probed: boolean;
 }
 
-const FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2"]);
+const FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2", "vdi"]);
 const PROTOCOLS: ReadonlySet<string> = new Set([
   "file",
   "null-co",
@@ -140,7 +142,7 @@ async function openNode(opts: NodeOptions, ctx: NodeContext, top: boolean): Prom
   requireChild(own, child);
   const proto = await openProtocol(expandJson(child), ctx);
   try {
-    return await openFormat(driver as "raw" | "qcow2" | undefined, own, proto, ctx, top);
+    return await openFormat(driver as ImageFormat | undefined, own, proto, ctx, top);
   } catch (e) {
     closeProtocol(proto);
     throw e;
@@ -399,19 +401,37 @@ class MinBlockFilter extends Filter {
   }
 }
 
-/** The format of an open file, from its first bytes: qcow2 magic, else raw (as qemu probes). */
-export async function probeFileFormat(file: FileEngine): Promise<"raw" | "qcow2"> {
-  const head = new Uint8Array(4);
-  const n = await file.pread(head, 0);
-  return n === 4 && hasQcow2Magic(head) ? "qcow2" : "raw";
+/** Bytes qemu's probe reads (its buffer; past the end of the file they read as zeroes). */
+const PROBE_BYTES = 512;
+
+/** The format named by a first sector: qcow2 magic, the VDI signature, else raw (qemu's probes). */
+function probeSector(head: Uint8Array, n: number): ImageFormat {
+  if (n >= 4 && hasQcow2Magic(head)) return "qcow2";
+  if (n >= 0x44 && hasVdiSignature(head)) return "vdi";
+  return "raw";
 }
 
-async function probe(proto: Protocol): Promise<"raw" | "qcow2"> {
+/** The format of an open file, from its first bytes, as qemu probes. */
+export async function probeFileFormat(file: FileEngine): Promise<ImageFormat> {
+  const head = new Uint8Array(PROBE_BYTES);
+  const n = await file.pread(head, 0);
+  return probeSector(head, n);
+}
+
+async function probe(proto: Protocol): Promise<ImageFormat> {
   if (proto.kind === "file") return await probeFileFormat(proto.file);
-  const head = new Uint8Array(4);
-  if (proto.dev.size < 4) return "raw";
-  await proto.dev.pread(head, 0);
-  return hasQcow2Magic(head) ? "qcow2" : "raw";
+  const head = new Uint8Array(PROBE_BYTES);
+  const n = Math.min(proto.dev.size, PROBE_BYTES);
+  if (n > 0) await proto.dev.pread(head.subarray(0, n), 0);
+  return probeSector(head, n);
+}
+
+/** -l on a vdi image: qemu opens it, then cannot load the snapshot. */
+export function vdiSnapshotError(): SnapshotLoadError {
+  return new SnapshotLoadError(
+    Errno.ENOTSUP,
+    "Block format 'vdi' used by device '' does not support temporarily loading internal snapshots",
+  );
 }
 
 /** qemu's warning for a probed raw image it will write (not under -r or -s). */
@@ -426,7 +446,7 @@ function protocolName(proto: Protocol): string {
 }
 
 async function openFormat(
-  driver: "raw" | "qcow2" | undefined,
+  driver: ImageFormat | undefined,
   own: NodeOptions,
   proto: Protocol,
   ctx: NodeContext,
@@ -434,15 +454,26 @@ async function openFormat(
 ): Promise<OpenedNode> {
   const format = driver ?? await probe(proto);
   const probed = driver === undefined;
-  if (format === "qcow2") {
+  if (format !== "raw") {
     for (const key of ["offset", "size"]) {
       if (own[key] !== undefined) {
         throw new BlockError(
           Errno.EINVAL,
-          `Block format 'qcow2' does not support the option '${key}'`,
+          `Block format '${format}' does not support the option '${key}'`,
         );
       }
     }
+  }
+  if (format === "vdi") {
+    const file = proto.kind === "file" ? proto.file : new DeviceFile(proto.dev, proto.name);
+    const device = await openVdi(file, { writable: ctx.writable });
+    if (top && ctx.loadSnapshot !== undefined) {
+      await device.close();
+      throw vdiSnapshotError();
+    }
+    return { device, format, probed: false };
+  }
+  if (format === "qcow2") {
     const file = proto.kind === "file" ? proto.file : new DeviceFile(proto.dev, proto.name);
     const device = await openQcow2(file, {
       openBacking: ctx.openBacking,

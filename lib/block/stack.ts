@@ -6,12 +6,13 @@
  * read-only ─▶ detect-zeroes ─▶ cache mode ─▶ discard policy ─▶ FUA emulation
  *           ─▶ block-0 guard (probed raw) ─▶ raw (offset/size) ─▶ file engine
  *           ─▶ offset (-o) ─▶ qcow2 ─▶ file engine (+ backing chain)
+ *           ─▶ offset (-o) ─▶ vdi ─▶ file engine
  * ```
  *
  * @module
  */
 
-import type { ServerOptions } from "../cli/options.ts";
+import type { ImageFormat, ServerOptions } from "../cli/options.ts";
 import type { FileEngine } from "../io/file_engine.ts";
 import { openFileEngine } from "../io/engine_factory.ts";
 import { UnsafeCacheFilter, WriteThroughFilter } from "./filters/cache_mode.ts";
@@ -26,12 +27,14 @@ import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts"
 import { OffsetFilter } from "./filters/offset.ts";
 import { withPrefetchCopy } from "./filters/copy_on_read.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
+import { openVdi } from "./vdi/mod.ts";
 import {
   type EngineOptions,
   type NodeContext,
   openTopNode,
   probedRawWarning,
   probeFileFormat,
+  vdiSnapshotError,
 } from "./open_node.ts";
 import { hasProtocol } from "../cli/filename.ts";
 import { denbd_engine_fallback } from "../trace/events.ts";
@@ -39,7 +42,7 @@ import { denbd_engine_fallback } from "../trace/events.ts";
 /** What the stack builder hands back. */
 export interface OpenedImage {
   readonly device: BlockDevice;
-  readonly format: "raw" | "qcow2";
+  readonly format: ImageFormat;
   /** True when the format was guessed (qemu warns and restricts block 0). */
   readonly probed: boolean;
 }
@@ -107,7 +110,7 @@ async function openNodeImage(
   if (image.offset !== 0) device = new OffsetFilter(device, image.offset, undefined);
   return {
     device,
-    format: opened.format === "qcow2" ? "qcow2" : "raw",
+    format: opened.format === "protocol" || opened.format === "filter" ? "raw" : opened.format,
     probed: opened.probed,
   };
 }
@@ -158,7 +161,7 @@ async function openImage(
   // With -s the image itself is only read; writes go to the overlay.
   const writable = !options.readOnly && !options.snapshot;
   const file = openFileEngine(image.filename, { ...engine, writable });
-  let format: "raw" | "qcow2";
+  let format: ImageFormat;
   try {
     format = image.format ?? await probeFileFormat(file);
   } catch (e) {
@@ -177,6 +180,24 @@ async function openImage(
       passDiscard: options.discard === "unmap",
     });
     dev = withPrefetchCopy(dev);
+    if (image.offset !== 0 || image.size !== undefined) {
+      dev = new OffsetFilter(dev, image.offset, image.size);
+    }
+    return { device: dev, format, probed: false };
+  }
+  if (format === "vdi") {
+    if (image.raw["offset"] !== undefined || image.raw["size"] !== undefined) {
+      // Probing found vdi under raw's offset=/size= (qemu refuses them for any other format).
+      file.close();
+      const key = image.raw["offset"] !== undefined ? "offset" : "size";
+      throw new BlockError(Errno.EINVAL, `Block format 'vdi' does not support the option '${key}'`);
+    }
+    // openVdi owns the file from here on (it closes it if opening fails).
+    let dev: BlockDevice = await openVdi(file, { writable });
+    if (options.loadSnapshot !== undefined) {
+      await dev.close();
+      throw vdiSnapshotError();
+    }
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
     }
@@ -284,7 +305,7 @@ async function openBackingImage(
     return opened.device;
   }
   const file = openFileEngine(path, { ...engine, writable: false });
-  let fmt: "raw" | "qcow2";
+  let fmt: ImageFormat;
   try {
     fmt = format ?? await probeFileFormat(file);
   } catch (e) {
@@ -298,6 +319,7 @@ async function openBackingImage(
       warn,
     });
   }
+  if (fmt === "vdi") return await openVdi(file, { writable: false });
   try {
     return new RawDevice(file, { writable: false, offset: 0, size: undefined, minBlock: 1 });
   } catch (e) {

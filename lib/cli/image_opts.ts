@@ -69,7 +69,7 @@ export function parseQemuOpts(text: string, impliedKey?: string): QemuOptPair[] 
 }
 
 /** Formats denbd opens itself. */
-const SUPPORTED_FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2"]);
+const SUPPORTED_FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2", "vdi"]);
 
 /**
  * Block drivers qemu-nbd 7.2 knows (Debian build, `qemu-img --help`) that denbd does not open:
@@ -111,7 +111,6 @@ export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
   "snapshot-access",
   "ssh",
   "throttle",
-  "vdi",
   "vhdx",
   "vmdk",
   "vpc",
@@ -122,7 +121,7 @@ export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
 function checkDriver(name: string, what: string): ImageFormat {
   if (SUPPORTED_FORMATS.has(name)) return name as ImageFormat;
   if (QEMU_DRIVERS.has(name)) {
-    throw new CliError(`${what} '${name}' is not supported by denbd (only raw and qcow2)`);
+    throw new CliError(`${what} '${name}' is not supported by denbd (only raw, qcow2 and vdi)`);
   }
   throw new CliError(`Unknown driver '${name}'`);
 }
@@ -201,10 +200,10 @@ export function parseImageOpts(text: string): ImageSpec {
   if (filename === undefined) {
     throw new CliError(`A block device must be specified for "file"`);
   }
-  if (format === "qcow2") {
+  if (format === "qcow2" || format === "vdi") {
     for (const key of ["offset", "size"]) {
       if (raw[key] !== undefined) {
-        throw new CliError(`Block format 'qcow2' does not support the option '${key}'`);
+        throw new CliError(`Block format '${format}' does not support the option '${key}'`);
       }
     }
   }

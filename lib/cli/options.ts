@@ -15,7 +15,7 @@ export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "
 export type AioMode = "threads" | "native" | "io_uring" | "auto";
 export type DiscardMode = "ignore" | "unmap";
 export type DetectZeroesMode = "off" | "on" | "unmap";
-export type ImageFormat = "raw" | "qcow2";
+export type ImageFormat = "raw" | "qcow2" | "vdi";
 
 /** `--image-opts` or the plain FILE argument, resolved. */
 export interface ImageSpec {

@@ -19,7 +19,7 @@
  * @module
  */
 
-import type { ServerOptions } from "../cli/options.ts";
+import type { ImageFormat, ServerOptions } from "../cli/options.ts";
 import type { SessionEnd } from "../nbd/session.ts";
 import type { ConnectionHost } from "./listener.ts";
 import { closeSocket } from "../../ffi/socket.ts";
@@ -51,7 +51,7 @@ export type MainMessage =
  * Whether connections of this export may be served on any thread (see the module comment):
  * a raw image in a plain file, without -s, -B or -T.
  */
-export function threadShareable(options: ServerOptions, format: "raw" | "qcow2"): boolean {
+export function threadShareable(options: ServerOptions, format: ImageFormat): boolean {
   return format === "raw" && options.image.node === undefined && !options.snapshot &&
     options.bitmaps.length === 0 && options.trace.length === 0;
 }

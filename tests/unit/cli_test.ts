@@ -404,7 +404,7 @@ Deno.test("cli: -f formats", () => {
   assert.equal(serve(["-f", "file", "f"]).image.format, "raw");
   rejects(
     ["-f", "vmdk", "f"],
-    "Failed to blk_new_open 'f': Image format 'vmdk' is not supported by denbd (only raw and qcow2)",
+    "Failed to blk_new_open 'f': Image format 'vmdk' is not supported by denbd (only raw, qcow2 and vdi)",
   );
   rejects(["-f", "bogus", "f"], "Failed to blk_new_open 'f': Unknown driver 'bogus'");
   rejects(["-f", "RAW", "f"], "Failed to blk_new_open 'f': Unknown driver 'RAW'");
@@ -502,7 +502,7 @@ Deno.test("cli: --image-opts errors", () => {
   bad("driver=bogus,file.filename=/f", "Unknown driver 'bogus'");
   bad(
     "driver=vmdk,file.filename=/f",
-    "Block format 'vmdk' is not supported by denbd (only raw and qcow2)",
+    "Block format 'vmdk' is not supported by denbd (only raw, qcow2 and vdi)",
   );
   bad("driver=raw,,file.filename=x", "Unknown driver 'raw,file.filename=x'");
   bad("driver=raw,file.driver=bogus,file.filename=/f", "Unknown driver 'bogus'");
