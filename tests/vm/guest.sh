@@ -12,7 +12,8 @@ DENBD_MAIN=$(cat /denbd-main)
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# /tmp stays part of the initramfs (already in RAM): the checkout may live under it.
+mkdir -p /tmp
 mkdir -p /run/lock /var /mnt /out
 ln -s /run/lock /var/lock
 for m in $(cat /modules/order); do insmod "/modules/$m" || echo "VMTEST - - insmod FAIL $m"; done
