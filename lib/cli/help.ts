@@ -205,7 +205,7 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "format",
         usage: "-f, --format=FORMAT",
-        text: ["image format: raw or qcow2 (default: probe)"],
+        text: ["image format: raw, qcow2 or vdi (default: probe)"],
       },
       { id: "read-only", usage: "-r, --read-only", text: ["refuse writes from clients"] },
       {
@@ -294,7 +294,7 @@ export function helpText(): string {
   const lines = [
     `Usage: ${PROGRAM} [OPTIONS] FILE`,
     ...(HELP_SUPPORTED.has("list") ? [`  or:  ${PROGRAM} -L [OPTIONS]`] : []),
-    `${PROGRAM}: serve a raw or qcow2 disk image over the Network Block Device protocol`,
+    `${PROGRAM}: serve a disk image (raw, qcow2, vdi) over NBD`,
   ];
   for (const section of SECTIONS) {
     const entries = section.entries.filter((e) => HELP_SUPPORTED.has(e.id));
