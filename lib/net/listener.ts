@@ -77,6 +77,15 @@ export class NbdListener {
       this.#options.loop.forget(s.fd);
       closeSocket(s.fd);
     }
+    // Nobody can connect any more: take the socket file away now rather than after the image is
+    // flushed and closed, so a client that tries in between is told ENOENT, as with qemu-nbd
+    // (whose exit is quick), not ECONNREFUSED (iotest nbd-reconnect-on-open tells them apart).
+    const a = this.#options.address;
+    if (a.transport === "unix") {
+      try {
+        if (Deno.lstatSync(a.path).isSocket) Deno.removeSync(a.path);
+      } catch { /* gone already */ }
+    }
     for (const h of this.#hosts) h.closeAll();
     this.#wakeSlots();
     if (this.#clients === 0) this.#resolveDone();
