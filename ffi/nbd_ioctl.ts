@@ -23,8 +23,6 @@ export const BLKROSET = 0x125d;
 /** BLKRRPART, _IO(0x12, 95): reread the partition table. */
 export const BLKRRPART = 0x125f;
 
-export const ENOTTY = 25;
-
 /** How long a partition rescan waits for NBD_DO_IT to make the device live. */
 const RESCAN_WAIT_MS = 10_000;
 

@@ -40,4 +40,6 @@ export const Errno = {
   ESHUTDOWN: 108,
   EDQUOT: 122,
   ENXIO: 6,
+  EBUSY: 16,
+  ENOTTY: 25,
 } as const;

@@ -17,6 +17,7 @@ import { PROGRAM } from "./cli/errors.ts";
 import { startTracing } from "./trace/trace_option.ts";
 import type { ListenAddress } from "./net/address.ts";
 import { type ConnectionHost, NbdListener } from "./net/listener.ts";
+import { removeSocketFile } from "./net/listen.ts";
 import { LocalHost } from "./net/local_host.ts";
 import { DataPlane, threadCount, threadShareable } from "./net/data_plane.ts";
 import { ReadinessLoop } from "./net/readiness.ts";
@@ -76,7 +77,8 @@ export async function runServer(
     : options.connect !== undefined
     ? { transport: "unix", path: deviceSocketPath(options.connect) }
     : { transport: "tcp", hostname: options.bind, port: options.port };
-  if (address.transport === "unix") removeStaleSocket(address.path);
+  // qemu unlinks an existing socket file before binding.
+  if (address.transport === "unix") removeSocketFile(address.path);
 
   const loop = new ReadinessLoop();
   const local = new LocalHost(
@@ -146,9 +148,8 @@ export async function runServer(
       io.error(`flush at exit failed: ${e instanceof Error ? e.message : e}`);
     }
     await device.close();
-    // qemu-nbd unlinks its socket at exit (Deno's own unlink on close may not run before the
-    // process exits); the pid file stays, as qemu-nbd leaves it.
-    if (address.transport === "unix") removeStaleSocket(address.path);
+    // The listener removed the unix socket when it stopped; the pid file stays, as qemu-nbd
+    // leaves it.
   }
   return exitCode;
 }
@@ -222,11 +223,4 @@ export function serverTls(
     options.tlsAuthz,
     loop,
   );
-}
-
-/** qemu unlinks an existing socket file before binding; do the same, but only for sockets. */
-function removeStaleSocket(path: string): void {
-  try {
-    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
-  } catch { /* does not exist */ }
 }

@@ -15,7 +15,8 @@ import { negotiate, OptionClient } from "../nbd/client.ts";
 import { connectSocket } from "../net/connect.ts";
 import { FdConn } from "../net/fd_conn.ts";
 import type { ReadinessLoop } from "../net/readiness.ts";
-import { bindDevice, DeviceError, openDevice, runDevice } from "./nbd_device.ts";
+import { bindDevice, DeviceError, deviceHint, openDevice, runDevice } from "./nbd_device.ts";
+import { Errno } from "../errors.ts";
 import {
   type NetlinkChannel,
   netlinkConnect,
@@ -91,18 +92,6 @@ export async function attachDevice(o: DeviceClientOptions): Promise<AttachedDevi
   return { done };
 }
 
-function netlinkHint(device: string, err: number): string | undefined {
-  // No reply, or no "nbd" family: the module is not loaded.
-  if (err === 0 || err === ENOENT) return "(is the nbd kernel module loaded? try 'modprobe nbd')";
-  if (err === EBUSY) return `(${device} is already connected; 'denbd -d ${device}' disconnects it)`;
-  if (err === EPERM) return "(binding an NBD device needs root)";
-  return undefined;
-}
-
-const ENOENT = 2;
-const EPERM = 1;
-const EBUSY = 16;
-
 /** close(2) without shutdown: the kernel keeps using the socket. */
 function closeFd(fd: number): void {
   libc().close(fd);
@@ -154,7 +143,8 @@ async function attachNetlink(o: DeviceClientOptions, ops: NbdDeviceOps): Promise
       const why = e.errno === 0 ? e.message : strerror(e.errno);
       throw new DeviceError(
         `Failed to connect ${o.device} over netlink: ${why}`,
-        netlinkHint(o.device, e.errno),
+        // No reply at all (errno 0) is the missing "nbd" family: the module is not loaded.
+        deviceHint(o.device, e.errno === 0 ? Errno.ENOENT : e.errno),
       );
     } finally {
       ch.close();

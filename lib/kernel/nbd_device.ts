@@ -8,7 +8,6 @@
  */
 
 import {
-  ENOTTY,
   NBD_CLEAR_QUE,
   NBD_CLEAR_SOCK,
   NBD_DISCONNECT,
@@ -19,15 +18,10 @@ import {
   type NbdDeviceOps,
 } from "../../ffi/nbd_ioctl.ts";
 import { strerror } from "../../ffi/libc.ts";
+import { Errno } from "../errors.ts";
 import { NBD_FLAG_READ_ONLY } from "../nbd/constants.ts";
 
 const SECTOR_SIZE = 512;
-const EACCES = 13;
-const EBUSY = 16;
-const EINVAL = 22;
-const ENOENT = 2;
-const ENXIO = 6;
-const EPERM = 1;
 
 /** What the kernel is told about the export. */
 export interface DeviceExport {
@@ -56,14 +50,24 @@ export function openDevice(ops: NbdDeviceOps, path: string): number {
   const fd = ops.open(path);
   if (fd >= 0) return fd;
   const err = -fd;
-  throw new DeviceError(`Failed to open ${path}: ${strerror(err)}`, openHint(path, err));
+  throw new DeviceError(`Failed to open ${path}: ${strerror(err)}`, deviceHint(path, err));
 }
 
-function openHint(path: string, err: number): string | undefined {
-  if (err === ENOENT || err === ENXIO) {
-    return `(is the nbd kernel module loaded? try 'modprobe nbd' and check that ${path} exists)`;
+/**
+ * The hint line for an errno from opening or binding `device` (ioctl or netlink), or undefined
+ * when there is nothing to add to qemu-nbd's message.
+ */
+export function deviceHint(device: string, err: number): string | undefined {
+  switch (err) {
+    case Errno.ENOENT:
+    case Errno.ENXIO:
+      return `(is the nbd kernel module loaded? try 'modprobe nbd' and check that ${device} exists)`;
+    case Errno.EACCES:
+    case Errno.EPERM:
+      return "(binding an NBD device needs root)";
+    case Errno.EBUSY:
+      return `(${device} is already connected; 'denbd -d ${device}' disconnects it)`;
   }
-  if (err === EACCES || err === EPERM) return "(binding an NBD device needs root)";
   return undefined;
 }
 
@@ -85,7 +89,7 @@ export function bindDevice(
   r = ops.ioctl(deviceFd, NBD_SET_SIZE_BLOCKS, sectors);
   if (r < 0) throw new DeviceError("Failed setting size (in blocks)", errnoHint(-r));
   r = ops.ioctl(deviceFd, NBD_SET_FLAGS, exp.flags);
-  if (r === -ENOTTY) {
+  if (r === -Errno.ENOTTY) {
     // Kernels before 3.x had no NBD_SET_FLAGS: read-only is all they can be told.
     r = ops.setReadOnly(deviceFd, (exp.flags & NBD_FLAG_READ_ONLY) !== 0);
     if (r < 0) throw new DeviceError("Failed setting read-only attribute", errnoHint(-r));
@@ -95,11 +99,10 @@ export function bindDevice(
 }
 
 function setSockHint(device: string, err: number): string {
-  if (err === EBUSY) {
-    return `(${device} is already connected; 'denbd -d ${device}' disconnects it)`;
+  if (err === Errno.ENOTTY || err === Errno.EINVAL) {
+    return `(${device} is not an NBD device: ${strerror(err)})`;
   }
-  if (err === ENOTTY || err === EINVAL) return `(${device} is not an NBD device: ${strerror(err)})`;
-  return `(${strerror(err)})`;
+  return deviceHint(device, err) ?? errnoHint(err);
 }
 
 function errnoHint(err: number): string {
@@ -123,7 +126,7 @@ export async function runDevice(ops: NbdDeviceOps, deviceFd: number): Promise<bo
  */
 export function disconnectDevice(ops: NbdDeviceOps, path: string): void {
   const fd = ops.open(path);
-  if (fd < 0) throw new DeviceError(`Cannot open ${path}: ${strerror(-fd)}`, openHint(path, -fd));
+  if (fd < 0) throw new DeviceError(`Cannot open ${path}: ${strerror(-fd)}`, deviceHint(path, -fd));
   try {
     ops.ioctl(fd, NBD_CLEAR_QUE, 0);
     ops.ioctl(fd, NBD_DISCONNECT, 0);

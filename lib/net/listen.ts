@@ -56,6 +56,13 @@ export class BindError extends Error {
   }
 }
 
+/** Remove the unix socket file at `path`, but only if it is a socket (never throws). */
+export function removeSocketFile(path: string): void {
+  try {
+    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
+  } catch { /* does not exist */ }
+}
+
 /** Open the listening sockets for `address`; throws a BindError or SocketError. */
 export function listenOn(address: ListenAddress): ListenSocket[] {
   switch (address.transport) {

@@ -12,7 +12,7 @@ import { errno, strerror } from "../../ffi/libc.ts";
 import { denbd_accept_failed } from "../trace/events.ts";
 import type { SessionEnd } from "../nbd/session.ts";
 import type { ListenAddress } from "./address.ts";
-import { listenOn, type ListenSocket } from "./listen.ts";
+import { listenOn, type ListenSocket, removeSocketFile } from "./listen.ts";
 import { POLLIN, type ReadinessLoop } from "./readiness.ts";
 
 /** Where accepted connections are served. */
@@ -81,11 +81,7 @@ export class NbdListener {
     // flushed and closed, so a client that tries in between is told ENOENT, as with qemu-nbd
     // (whose exit is quick), not ECONNREFUSED (iotest nbd-reconnect-on-open tells them apart).
     const a = this.#options.address;
-    if (a.transport === "unix") {
-      try {
-        if (Deno.lstatSync(a.path).isSocket) Deno.removeSync(a.path);
-      } catch { /* gone already */ }
-    }
+    if (a.transport === "unix") removeSocketFile(a.path);
     for (const h of this.#hosts) h.closeAll();
     this.#wakeSlots();
     if (this.#clients === 0) this.#resolveDone();
