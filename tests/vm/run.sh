@@ -30,7 +30,8 @@ finish() { echo "${passed} passed, ${failed} failed"; [ "$failed" -eq 0 ]; exit 
 # --- what the VM needs -----------------------------------------------------------------------
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx depmod || need+=(busybox-static)
+# (grep without -q reads the whole list: an early exit would fail the pipe under pipefail)
+[ -x /bin/busybox ] && /bin/busybox --list | grep -x depmod >/dev/null || need+=(busybox-static)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
