@@ -57,7 +57,7 @@ export async function runServer(
   startTracing(options.trace);
   // qemu-nbd's error_report(): printed with or without -v; the rest are -T trace points.
   const report = (msg: string) => io.error(`${PROGRAM}: ${msg}`);
-  const opened = await openExportStack(options, io.error);
+  const opened = await openExportStack(options, io.error, objects);
   const device = opened.device;
   let bitmaps: ReturnType<typeof resolveExportBitmaps>;
   try {

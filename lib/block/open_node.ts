@@ -34,10 +34,10 @@ import { parseHttpFilename } from "./protocols/http_filename.ts";
 import { CompressFilter } from "./filters/compress.ts";
 import { CopyOnReadFilter } from "./filters/copy_on_read.ts";
 import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts";
-import { hasQcow2Magic } from "./qcow2/header.ts";
 import { RawDevice } from "./raw.ts";
-import { hasVdiSignature, openVdi } from "./vdi/mod.ts";
+import { formatDriver, PROBE_BYTES, probeFormat, supportedFormats } from "./formats.ts";
 import type { ImageFormat } from "../cli/options.ts";
+import type { ObjectLookup } from "../objects/types.ts";
 import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
 
 /** How every file of the export is opened (image, backing files, overlay): the engine. */
@@ -52,12 +52,14 @@ export interface NodeContext {
   readonly passDiscard: boolean;
   /** -l, for the top qcow2 node. */
   readonly loadSnapshot?: string;
-  /** Opens a qcow2 backing file by name (stack.ts: backing names may use protocols too). */
+  /** Opens a backing file by name (stack.ts: backing names may use protocols too). */
   readonly openBacking: (
     path: string,
-    format: "raw" | "qcow2" | undefined,
+    format: ImageFormat | undefined,
     chain: BackingChain,
   ) => Promise<BlockDevice>;
+  /** --object objects (secrets for encrypted formats). */
+  readonly objects?: ObjectLookup;
 }
 
 /** An opened node. */
@@ -68,7 +70,7 @@ export interface OpenedNode {
   readonly probed: boolean;
 }
 
-const FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2", "vdi"]);
+const FORMATS: ReadonlySet<string> = new Set(supportedFormats());
 const PROTOCOLS: ReadonlySet<string> = new Set([
   "file",
   "null-co",
@@ -97,7 +99,7 @@ const PROTOCOL_PREFIXES: Readonly<Record<string, string>> = {
 const FILTERS: ReadonlySet<string> = new Set(["compress", "copy-on-read"]);
 /** qemu 7.2's drivers (Debian build) this opener does not handle: "not supported", not "Unknown". */
 const QEMU_ONLY: ReadonlySet<string> = new Set(
-  [...QEMU_DRIVERS].filter((d) => !PROTOCOLS.has(d) && !FILTERS.has(d)),
+  [...QEMU_DRIVERS].filter((d) => !PROTOCOLS.has(d) && !FILTERS.has(d) && !FORMATS.has(d)),
 );
 
 function unknownDriver(name: string): BlockError {
@@ -401,37 +403,75 @@ class MinBlockFilter extends Filter {
   }
 }
 
-/** Bytes qemu's probe reads (its buffer; past the end of the file they read as zeroes). */
-const PROBE_BYTES = 512;
-
-/** The format named by a first sector: qcow2 magic, the VDI signature, else raw (qemu's probes). */
-function probeSector(head: Uint8Array, n: number): ImageFormat {
-  if (n >= 4 && hasQcow2Magic(head)) return "qcow2";
-  if (n >= 0x44 && hasVdiSignature(head)) return "vdi";
-  return "raw";
-}
-
 /** The format of an open file, from its first bytes, as qemu probes. */
 export async function probeFileFormat(file: FileEngine): Promise<ImageFormat> {
+  if (file.length() === 0) return "raw";
   const head = new Uint8Array(PROBE_BYTES);
   const n = await file.pread(head, 0);
-  return probeSector(head, n);
+  head.fill(0, n);
+  return probeFormat(head, file.path);
 }
 
 async function probe(proto: Protocol): Promise<ImageFormat> {
   if (proto.kind === "file") return await probeFileFormat(proto.file);
   const head = new Uint8Array(PROBE_BYTES);
   const n = Math.min(proto.dev.size, PROBE_BYTES);
-  if (n > 0) await proto.dev.pread(head.subarray(0, n), 0);
-  return probeSector(head, n);
+  if (n === 0) return "raw";
+  await proto.dev.pread(head.subarray(0, n), 0);
+  return probeFormat(head, proto.name);
 }
 
-/** -l on a vdi image: qemu opens it, then cannot load the snapshot. */
-export function vdiSnapshotError(): SnapshotLoadError {
+/** -l on a format without internal snapshots: qemu opens the image, then cannot load one. */
+export function snapshotUnsupported(format: string): SnapshotLoadError {
   return new SnapshotLoadError(
     Errno.ENOTSUP,
-    "Block format 'vdi' used by device '' does not support temporarily loading internal snapshots",
+    `Block format '${format}' used by device '' does not support temporarily loading internal snapshots`,
   );
+}
+
+/**
+ * Opens a registered format (formats.ts) over `file` as the top image or a backing file:
+ * its own options checked against what the driver takes, -l refused after opening.
+ */
+export async function openRegisteredFormat(
+  format: ImageFormat,
+  file: FileEngine,
+  own: Readonly<Record<string, string>>,
+  ctx: {
+    writable: boolean;
+    warn: (msg: string) => void;
+    engine: EngineOptions;
+    openBacking: NodeContext["openBacking"];
+    objects?: ObjectLookup;
+    chain?: BackingChain;
+    loadSnapshot?: string;
+  },
+): Promise<BlockDevice> {
+  const driver = formatDriver(format)!;
+  const keys = driver.optionKeys ?? [];
+  for (const key of Object.keys(own)) {
+    if (!keys.includes(key)) {
+      file.close();
+      throw new BlockError(
+        Errno.EINVAL,
+        `Block format '${format}' does not support the option '${key}'`,
+      );
+    }
+  }
+  const device = await driver.open(file, {
+    writable: ctx.writable,
+    options: own,
+    warn: ctx.warn,
+    chain: ctx.chain ?? { paths: [] },
+    openBacking: ctx.openBacking,
+    openFile: (path, writable) => openFileEngine(path, { ...ctx.engine, writable }),
+    objects: ctx.objects,
+  });
+  if (ctx.loadSnapshot !== undefined) {
+    await device.close();
+    throw snapshotUnsupported(format);
+  }
+  return device;
 }
 
 /** qemu's warning for a probed raw image it will write (not under -r or -s). */
@@ -464,13 +504,14 @@ async function openFormat(
       }
     }
   }
-  if (format === "vdi") {
+  if (formatDriver(format) !== undefined) {
     const file = proto.kind === "file" ? proto.file : new DeviceFile(proto.dev, proto.name);
-    const device = await openVdi(file, { writable: ctx.writable });
-    if (top && ctx.loadSnapshot !== undefined) {
-      await device.close();
-      throw vdiSnapshotError();
-    }
+    const rest = { ...own };
+    delete rest["driver"];
+    const device = await openRegisteredFormat(format, file, rest, {
+      ...ctx,
+      loadSnapshot: top ? ctx.loadSnapshot : undefined,
+    });
     return { device, format, probed: false };
   }
   if (format === "qcow2") {

@@ -6,7 +6,7 @@
  * read-only ─▶ detect-zeroes ─▶ cache mode ─▶ discard policy ─▶ FUA emulation
  *           ─▶ block-0 guard (probed raw) ─▶ raw (offset/size) ─▶ file engine
  *           ─▶ offset (-o) ─▶ qcow2 ─▶ file engine (+ backing chain)
- *           ─▶ offset (-o) ─▶ vdi ─▶ file engine
+ *           ─▶ offset (-o) ─▶ vdi, vmdk, ... (formats.ts) ─▶ file engine (+ backing chain)
  * ```
  *
  * @module
@@ -27,14 +27,15 @@ import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts"
 import { OffsetFilter } from "./filters/offset.ts";
 import { withPrefetchCopy } from "./filters/copy_on_read.ts";
 import { createTempOverlay } from "./qcow2/create.ts";
-import { openVdi } from "./vdi/mod.ts";
+import { formatDriver, supportedFormats } from "./formats.ts";
+import type { ObjectLookup } from "../objects/types.ts";
 import {
   type EngineOptions,
   type NodeContext,
+  openRegisteredFormat,
   openTopNode,
   probedRawWarning,
   probeFileFormat,
-  vdiSnapshotError,
 } from "./open_node.ts";
 import { hasProtocol } from "../cli/filename.ts";
 import { denbd_engine_fallback } from "../trace/events.ts";
@@ -69,10 +70,11 @@ function engineOptions(options: ServerOptions): EngineOptions {
 export async function openExportStack(
   options: ServerOptions,
   warn: (msg: string) => void,
+  objects?: ObjectLookup,
 ): Promise<OpenedImage> {
   const engine = engineOptions(options);
   try {
-    const opened = await openImage(options, engine, warn);
+    const opened = await openImage(options, engine, warn, objects);
     if (!options.snapshot) {
       return { ...opened, device: applyFilters(opened.device, options) };
     }
@@ -99,10 +101,11 @@ async function openNodeImage(
   node: Readonly<Record<string, string>>,
   engine: EngineOptions,
   warn: (msg: string) => void,
+  objects: ObjectLookup | undefined,
 ): Promise<OpenedImage> {
   const image = options.image;
   const opened = await openTopNode({ ...node }, {
-    ...nodeContext(!options.readOnly && !options.snapshot, engine, warn),
+    ...nodeContext(!options.readOnly && !options.snapshot, engine, warn, objects),
     passDiscard: options.discard === "unmap",
     loadSnapshot: options.loadSnapshot,
   });
@@ -155,9 +158,12 @@ async function openImage(
   options: ServerOptions,
   engine: EngineOptions,
   warn: (msg: string) => void,
+  objects: ObjectLookup | undefined,
 ): Promise<OpenedImage> {
   const image = options.image;
-  if (image.node !== undefined) return await openNodeImage(options, image.node, engine, warn);
+  if (image.node !== undefined) {
+    return await openNodeImage(options, image.node, engine, warn, objects);
+  }
   // With -s the image itself is only read; writes go to the overlay.
   const writable = !options.readOnly && !options.snapshot;
   const file = openFileEngine(image.filename, { ...engine, writable });
@@ -172,7 +178,7 @@ async function openImage(
   if (format === "qcow2") {
     // openQcow2 owns the file from here on (it closes it if opening fails).
     let dev = await openQcow2(file, {
-      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
+      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn, objects),
       snapshot: options.loadSnapshot,
       warn,
       backing: backingOverride(image.raw, warn),
@@ -185,19 +191,25 @@ async function openImage(
     }
     return { device: dev, format, probed: false };
   }
-  if (format === "vdi") {
+  if (formatDriver(format) !== undefined) {
     if (image.raw["offset"] !== undefined || image.raw["size"] !== undefined) {
-      // Probing found vdi under raw's offset=/size= (qemu refuses them for any other format).
+      // Probing found another format under raw's offset=/size= (qemu refuses them then).
       file.close();
       const key = image.raw["offset"] !== undefined ? "offset" : "size";
-      throw new BlockError(Errno.EINVAL, `Block format 'vdi' does not support the option '${key}'`);
+      throw new BlockError(
+        Errno.EINVAL,
+        `Block format '${format}' does not support the option '${key}'`,
+      );
     }
-    // openVdi owns the file from here on (it closes it if opening fails).
-    let dev: BlockDevice = await openVdi(file, { writable });
-    if (options.loadSnapshot !== undefined) {
-      await dev.close();
-      throw vdiSnapshotError();
-    }
+    // The driver owns the file from here on (it closes it if opening fails).
+    let dev = await openRegisteredFormat(format, file, formatOwnOptions(image.raw), {
+      writable,
+      warn,
+      engine,
+      openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn, objects),
+      objects,
+      loadSnapshot: options.loadSnapshot,
+    });
     if (image.offset !== 0 || image.size !== undefined) {
       dev = new OffsetFilter(dev, image.offset, image.size);
     }
@@ -225,6 +237,17 @@ async function openImage(
   }
 }
 
+/** The --image-opts keys of the format node itself (not driver=, file.*, offset=, size=). */
+function formatOwnOptions(raw: Readonly<Record<string, string>>): Record<string, string> {
+  const own: Record<string, string> = {};
+  for (const [k, v] of Object.entries(raw)) {
+    if (k === "driver" || k === "file" || k.startsWith("file.") || k === "filename") continue;
+    if (k === "offset" || k === "size") continue;
+    own[k] = v;
+  }
+  return own;
+}
+
 /**
  * --image-opts `backing.*` as qemu reads them: `backing=` (empty) drops the backing file (qemu
  * warns that the empty string is deprecated); `backing.file.filename=` with an optional
@@ -234,7 +257,7 @@ async function openImage(
 function backingOverride(
   raw: Readonly<Record<string, string>>,
   warn: (msg: string) => void,
-): null | { path: string; format: "raw" | "qcow2" | undefined } | undefined {
+): null | { path: string; format: ImageFormat | undefined } | undefined {
   if ("backing" in raw) {
     const ref = raw["backing"]!;
     if (ref !== "") {
@@ -257,17 +280,17 @@ function backingOverride(
     return undefined;
   }
   const driver = raw["backing.driver"];
-  if (driver !== undefined && driver !== "raw" && driver !== "qcow2") {
+  if (driver !== undefined && !supportedFormats().includes(driver as ImageFormat)) {
     throw new BlockError(
       Errno.ENOTSUP,
-      `Backing driver '${driver}' is not supported (raw or qcow2)`,
+      `Backing driver '${driver}' is not supported (${supportedFormats().join(", ")})`,
     );
   }
   const fileDriver = raw["backing.file.driver"];
   if (fileDriver !== undefined && fileDriver !== "file") {
     throw new BlockError(Errno.ENOTSUP, `Backing protocol '${fileDriver}' is not supported (file)`);
   }
-  return { path, format: driver };
+  return { path, format: driver as ImageFormat | undefined };
 }
 
 /** How the node opener opens images of this export (backing files through openBackingImage). */
@@ -275,13 +298,15 @@ function nodeContext(
   writable: boolean,
   engine: EngineOptions,
   warn: (msg: string) => void,
+  objects: ObjectLookup | undefined,
 ): NodeContext {
   return {
     writable,
     engine,
     warn,
     passDiscard: false,
-    openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn),
+    openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn, objects),
+    objects,
   };
 }
 
@@ -291,17 +316,18 @@ function nodeContext(
  */
 async function openBackingImage(
   path: string,
-  format: "raw" | "qcow2" | undefined,
+  format: ImageFormat | undefined,
   chain: BackingChain,
   engine: EngineOptions,
   warn: (msg: string) => void,
+  objects: ObjectLookup | undefined,
 ): Promise<BlockDevice> {
   if (hasProtocol(path)) {
     // A backing file named by protocol (nbd://, http://, json:{...}): the node opener's job.
     const name: Record<string, string> = format === undefined
       ? { filename: path }
       : { driver: format, filename: path };
-    const opened = await openTopNode(name, nodeContext(false, engine, warn));
+    const opened = await openTopNode(name, nodeContext(false, engine, warn, objects));
     return opened.device;
   }
   const file = openFileEngine(path, { ...engine, writable: false });
@@ -314,12 +340,21 @@ async function openBackingImage(
   }
   if (fmt === "qcow2") {
     return await openQcow2(file, {
-      openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn),
+      openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn, objects),
       chain,
       warn,
     });
   }
-  if (fmt === "vdi") return await openVdi(file, { writable: false });
+  if (formatDriver(fmt) !== undefined) {
+    return await openRegisteredFormat(fmt, file, {}, {
+      writable: false,
+      warn,
+      engine,
+      openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn, objects),
+      objects,
+      chain,
+    });
+  }
   try {
     return new RawDevice(file, { writable: false, offset: 0, size: undefined, minBlock: 1 });
   } catch (e) {

@@ -9,6 +9,7 @@ import { CliError } from "./errors.ts";
 import { type NumberError, parseSize } from "./numbers.ts";
 import type { ImageFormat, ImageSpec } from "./options.ts";
 import { hasProtocol } from "./filename.ts";
+import { supportedFormats } from "../block/formats.ts";
 
 /** One parsed `key=value` pair; `flag` marks qemu's short form ("foo" = on, "nofoo" = off). */
 export interface QemuOptPair {
@@ -69,11 +70,11 @@ export function parseQemuOpts(text: string, impliedKey?: string): QemuOptPair[] 
 }
 
 /** Formats denbd opens itself. */
-const SUPPORTED_FORMATS: ReadonlySet<string> = new Set(["raw", "qcow2", "vdi"]);
+const SUPPORTED_FORMATS: ReadonlySet<string> = new Set(supportedFormats());
 
 /**
- * Block drivers qemu-nbd 7.2 knows (Debian build, `qemu-img --help`) that denbd does not open:
- * naming one gets "not supported", anything else qemu's "Unknown driver".
+ * Block drivers qemu-nbd 7.2 knows (Debian build, `qemu-img --help`) besides raw and qcow2:
+ * naming one denbd does not open gets "not supported", anything else qemu's "Unknown driver".
  */
 export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
   "blkdebug",
@@ -111,6 +112,7 @@ export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
   "snapshot-access",
   "ssh",
   "throttle",
+  "vdi",
   "vhdx",
   "vmdk",
   "vpc",
@@ -121,7 +123,9 @@ export const QEMU_DRIVERS: ReadonlySet<string> = new Set([
 function checkDriver(name: string, what: string): ImageFormat {
   if (SUPPORTED_FORMATS.has(name)) return name as ImageFormat;
   if (QEMU_DRIVERS.has(name)) {
-    throw new CliError(`${what} '${name}' is not supported by denbd (only raw, qcow2 and vdi)`);
+    throw new CliError(
+      `${what} '${name}' is not supported by denbd (only ${supportedFormats().join(", ")})`,
+    );
   }
   throw new CliError(`Unknown driver '${name}'`);
 }
@@ -200,7 +204,7 @@ export function parseImageOpts(text: string): ImageSpec {
   if (filename === undefined) {
     throw new CliError(`A block device must be specified for "file"`);
   }
-  if (format === "qcow2" || format === "vdi") {
+  if (format !== undefined && format !== "raw") {
     for (const key of ["offset", "size"]) {
       if (raw[key] !== undefined) {
         throw new CliError(`Block format '${format}' does not support the option '${key}'`);

@@ -15,7 +15,21 @@ export type CacheMode = "none" | "writeback" | "writethrough" | "directsync" | "
 export type AioMode = "threads" | "native" | "io_uring" | "auto";
 export type DiscardMode = "ignore" | "unmap";
 export type DetectZeroesMode = "off" | "on" | "unmap";
-export type ImageFormat = "raw" | "qcow2" | "vdi";
+/** Image formats by qemu's driver names (those denbd opens: lib/block/formats.ts). */
+export type ImageFormat =
+  | "raw"
+  | "qcow2"
+  | "vdi"
+  | "vmdk"
+  | "vhdx"
+  | "vpc"
+  | "qed"
+  | "luks"
+  | "dmg"
+  | "parallels"
+  | "bochs"
+  | "cloop"
+  | "qcow";
 
 /** `--image-opts` or the plain FILE argument, resolved. */
 export interface ImageSpec {

@@ -13,6 +13,7 @@ import { parseInt32, parseU64 } from "./numbers.ts";
 import { activationConflict, socketActivation } from "./socket_activation.ts";
 import { ObjectHintError, type ObjectOutcome, ObjectRegistry } from "../objects/registry.ts";
 import { ObjectError } from "../objects/types.ts";
+import { formatDriver } from "../block/formats.ts";
 import {
   expandLogfileName,
   parseTraceOption,
@@ -736,8 +737,11 @@ const IMAGE_KEYS_DONE: ReadonlySet<string> = new Set([
  */
 export function unsupportedOptions(o: ServerOptions): string[] {
   const messages = NOT_YET.filter(([used]) => used(o)).map(([, message]) => message);
+  // A registered format's own options (luks key-secret...) are the driver's to check.
+  const driver = o.image.format === undefined ? undefined : formatDriver(o.image.format);
+  const own = driver?.optionKeys ?? [];
   for (const key of Object.keys(o.image.raw)) {
-    if (!IMAGE_KEYS_DONE.has(key)) {
+    if (!IMAGE_KEYS_DONE.has(key) && !own.includes(key)) {
       messages.push(`--image-opts option '${key}' is not supported yet`);
     }
   }

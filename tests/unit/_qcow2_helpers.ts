@@ -12,11 +12,12 @@ import {
   openQcow2,
   type Qcow2OpenOptions,
 } from "../../lib/block/qcow2/mod.ts";
+import type { ImageFormat } from "../../lib/cli/options.ts";
 
 /** Open any image the way the server will: probe, qcow2 through the driver, raw otherwise. */
 export async function openImage(
   path: string,
-  format?: "raw" | "qcow2",
+  format?: ImageFormat,
   extra: Partial<Qcow2OpenOptions> = {},
   chain?: BackingChain,
 ): Promise<BlockDevice> {
@@ -27,7 +28,8 @@ export async function openImage(
     await file.pread(head, 0);
     fmt = isQcow2(head) ? "qcow2" : "raw";
   }
-  if (fmt === "raw") {
+  if (fmt !== "qcow2") {
+    if (fmt !== "raw") throw new Error(`openImage: format ${fmt} is not handled here`);
     return new RawDevice(file, { writable: false, offset: 0, size: undefined, minBlock: 1 });
   }
   return await openQcow2(file, {

@@ -8,30 +8,16 @@
  */
 
 import { BlockError, Errno, Filter, type WriteFlags } from "../types.ts";
+import { probeFormat } from "../formats.ts";
 
 const PROBE_SIZE = 512;
 
-/** Magic strings of formats qemu would probe from the first sector. */
-const MAGICS: readonly Uint8Array[] = [
-  [0x51, 0x46, 0x49, 0xfb], // qcow / qcow2 "QFI\xfb"
-  [0x4b, 0x44, 0x4d, 0x56], // vmdk "KDMV"
-  [0x51, 0x45, 0x44, 0x00], // qed "QED\0"
-  [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe], // luks
-  [0x63, 0x6f, 0x6e, 0x65, 0x63, 0x74, 0x69, 0x78], // vpc "conectix"
-  [0x76, 0x68, 0x64, 0x78, 0x66, 0x69, 0x6c, 0x65], // vhdx "vhdxfile"
-].map((m) => new Uint8Array(m));
-
-/** Whether a first sector would be taken for a non-raw image format. */
+/**
+ * Whether a first sector would be taken for a non-raw image format: qemu's raw driver runs
+ * every format's probe over the 512 bytes (with no file name) and refuses anything but raw.
+ */
 export function looksLikeImageFormat(sector: Uint8Array): boolean {
-  for (const m of MAGICS) {
-    if (sector.length >= m.length && m.every((b, i) => sector[i] === b)) return true;
-  }
-  // vdi keeps its signature at byte 64.
-  if (sector.length >= 68) {
-    const v = new DataView(sector.buffer, sector.byteOffset, sector.byteLength);
-    if (v.getUint32(64, true) === 0xbeda107f) return true;
-  }
-  return false;
+  return probeFormat(sector.subarray(0, PROBE_SIZE), "") !== "raw";
 }
 
 export class ProbeGuardFilter extends Filter {

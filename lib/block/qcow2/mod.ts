@@ -13,6 +13,8 @@
 import { isAbsolute } from "node:path";
 import { hasProtocol } from "../../cli/filename.ts";
 import type { FileEngine } from "../../io/file_engine.ts";
+import type { ImageFormat } from "../../cli/options.ts";
+import { supportedFormats } from "../formats.ts";
 import { type BlockDevice, BlockError, Errno } from "../types.ts";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -66,7 +68,7 @@ export interface Qcow2OpenOptions {
    */
   openBacking(
     path: string,
-    format: "raw" | "qcow2" | undefined,
+    format: ImageFormat | undefined,
     chain: BackingChain,
   ): Promise<BlockDevice>;
   /**
@@ -88,7 +90,7 @@ export interface Qcow2OpenOptions {
    * Override of the header's backing file (--image-opts `backing.*`): `null` for no backing
    * file at all (`backing=`), or a file opened in its place.
    */
-  backing?: null | { readonly path: string; readonly format: "raw" | "qcow2" | undefined };
+  backing?: null | { readonly path: string; readonly format: ImageFormat | undefined };
   /** Open for writing (the file must be open read-write). */
   writable?: boolean;
   /** An already open backing device (the -s overlay's image); owned by the device from now. */
@@ -262,8 +264,8 @@ async function openBackingFile(
   options: Qcow2OpenOptions,
 ): Promise<BlockDevice> {
   const name = header.backingFile!;
-  const fmt = header.backingFormat;
-  if (fmt !== undefined && fmt !== "raw" && fmt !== "qcow2") {
+  const fmt = header.backingFormat as ImageFormat | undefined;
+  if (fmt !== undefined && !supportedFormats().includes(fmt)) {
     throw new BlockError(
       Errno.ENOTSUP,
       `Backing file '${name}' of '${imagePath}' has format '${fmt}', which is not supported`,

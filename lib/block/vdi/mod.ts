@@ -18,6 +18,7 @@
  */
 
 import type { FileEngine } from "../../io/file_engine.ts";
+import type { FormatDriver } from "../formats.ts";
 import {
   type BlockDevice,
   BlockError,
@@ -33,12 +34,20 @@ import { isAllocated, VdiBlockMap } from "./block_map.ts";
 import {
   decodeVdiHeader,
   encodeVdiHeader,
+  hasVdiSignature,
   VDI_HEADER_SIZE,
   VDI_TYPE_STATIC,
   type VdiHeader,
 } from "./header.ts";
 
 export { hasVdiSignature } from "./header.ts";
+
+/** The vdi entry of the format registry (lib/block/formats.ts). */
+export const vdiFormat: FormatDriver = {
+  name: "vdi",
+  probe: (head) => hasVdiSignature(head) ? 100 : 0,
+  open: (file, ctx) => openVdi(file, { writable: ctx.writable }),
+};
 
 /** Largest block map held in memory (a 256 TiB disk); qemu's limit (4 GiB) is not practical. */
 const MAX_MAP_BYTES = 1 << 30;
