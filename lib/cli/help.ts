@@ -7,6 +7,7 @@
  */
 
 import { PROGRAM } from "./errors.ts";
+import { supportedFormats } from "../block/formats.ts";
 
 /** denbd's version. */
 export const VERSION = "0.1.0";
@@ -205,7 +206,7 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "format",
         usage: "-f, --format=FORMAT",
-        text: ["image format: raw, qcow2 or vdi (default: probe)"],
+        text: [`image format: ${supportedFormats().join(", ")} (default: probe)`],
       },
       { id: "read-only", usage: "-r, --read-only", text: ["refuse writes from clients"] },
       {
@@ -294,7 +295,7 @@ export function helpText(): string {
   const lines = [
     `Usage: ${PROGRAM} [OPTIONS] FILE`,
     ...(HELP_SUPPORTED.has("list") ? [`  or:  ${PROGRAM} -L [OPTIONS]`] : []),
-    `${PROGRAM}: serve a disk image (raw, qcow2, vdi) over NBD`,
+    `${PROGRAM}: serve a disk image (${supportedFormats().join(", ")}) over NBD`,
   ];
   for (const section of SECTIONS) {
     const entries = section.entries.filter((e) => HELP_SUPPORTED.has(e.id));
