@@ -27,6 +27,11 @@ export interface FormatContext {
   /** Open for writing (the file is open read-write). */
   readonly writable: boolean;
   /**
+   * The file is a plain host file read through the page cache (not a protocol, no O_DIRECT),
+   * so the driver may offer BlockDevice.fileRange/writeRange for data stored as-is in it.
+   */
+  readonly zeroCopy: boolean;
+  /**
    * The format node's own options (`--image-opts`, `json:`), without `driver`, `file` and
    * `file.*`: e.g. `key-secret` for luks. Only keys listed in {@link FormatDriver.optionKeys}
    * get here; the opener refuses others as qemu does.

@@ -439,6 +439,8 @@ export async function openRegisteredFormat(
   own: Readonly<Record<string, string>>,
   ctx: {
     writable: boolean;
+    /** A plain file without O_DIRECT (FormatContext.zeroCopy). */
+    plainFile: boolean;
     warn: (msg: string) => void;
     engine: EngineOptions;
     openBacking: NodeContext["openBacking"];
@@ -460,6 +462,7 @@ export async function openRegisteredFormat(
   }
   const device = await driver.open(file, {
     writable: ctx.writable,
+    zeroCopy: ctx.plainFile && !ctx.engine.direct,
     options: own,
     warn: ctx.warn,
     chain: ctx.chain ?? { paths: [] },
@@ -510,6 +513,7 @@ async function openFormat(
     delete rest["driver"];
     const device = await openRegisteredFormat(format, file, rest, {
       ...ctx,
+      plainFile: proto.kind === "file",
       loadSnapshot: top ? ctx.loadSnapshot : undefined,
     });
     return { device, format, probed: false };

@@ -204,6 +204,7 @@ async function openImage(
     // The driver owns the file from here on (it closes it if opening fails).
     let dev = await openRegisteredFormat(format, file, formatOwnOptions(image.raw), {
       writable,
+      plainFile: true,
       warn,
       engine,
       openBacking: (path, fmt, chain) => openBackingImage(path, fmt, chain, engine, warn, objects),
@@ -348,6 +349,7 @@ async function openBackingImage(
   if (formatDriver(fmt) !== undefined) {
     return await openRegisteredFormat(fmt, file, {}, {
       writable: false,
+      plainFile: true,
       warn,
       engine,
       openBacking: (p, f, c) => openBackingImage(p, f, c, engine, warn, objects),

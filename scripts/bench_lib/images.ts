@@ -6,7 +6,7 @@
  */
 
 import { runClient } from "./proc.ts";
-import type { ImageFormat } from "./types.ts";
+import { type ImageFormat, LUKS_SECRET } from "./types.ts";
 
 const CHUNK = 8 << 20;
 
@@ -62,7 +62,18 @@ export async function prepareImage(
       await Deno.copyFile(master, dest);
       return;
     case "qcow2":
-      await runClient(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", master, dest]);
+    case "vdi":
+    case "vmdk":
+    case "vhdx":
+      await runClient(["qemu-img", "convert", "-f", "raw", "-O", format, master, dest]);
+      return;
+    case "luks":
+      await runClient([
+        "qemu-img",
+        "convert",
+        ...["--object", `secret,id=sec0,data=${LUKS_SECRET}`],
+        ...["-f", "raw", "-O", "luks", "-o", "key-secret=sec0,iter-time=10", master, dest],
+      ]);
       return;
     case "qcow2-empty": {
       const bytes = (await Deno.stat(master)).size;

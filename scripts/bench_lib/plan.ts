@@ -23,6 +23,11 @@ const PREPARE_SECONDS_PER_GIB: Readonly<Record<ImageFormat, number>> = {
   // A raw copy each.
   "tls-x509": 1.5,
   "tls-psk": 1.5,
+  // qemu-img convert from the raw master (luks encrypts every byte).
+  vdi: 3,
+  vmdk: 3,
+  vhdx: 3,
+  luks: 6,
 };
 /** Seconds to start a server and wait for its socket, and to stop it. */
 const SERVER_CYCLE_SECONDS = 2;

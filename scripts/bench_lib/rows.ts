@@ -246,7 +246,7 @@ function randomMatrix(format: ImageFormat, quick: readonly string[]): RowDef[] {
   return rows;
 }
 
-/** Every row, in run order (issues 2, 4, 5 and 11). */
+/** Every row, in run order (issues 2, 4, 5, 11 and 13). */
 export const ROW_DEFS: readonly RowDef[] = [
   // raw: nbdcopy over 1, 2 and 4 connections, then the fio matrix.
   ...[1, 2, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, quick: c === 4 })),
@@ -274,4 +274,13 @@ export const ROW_DEFS: readonly RowDef[] = [
     ...[1, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, format })),
     libnbdRandReadRow({ format }),
   ]),
+  // Other formats (issue 13), every block allocated: sequential and random reads, random writes
+  // that overwrite in place; LUKS: sequential reads (the cipher is the work).
+  ...(["vdi", "vmdk", "vhdx"] as const).flatMap((format) => [
+    nbdcopyRow({ direction: "read", connections: 4, format }),
+    fioRow({ rw: "randread", format }),
+    fioRow({ rw: "randwrite", format }),
+  ]),
+  nbdcopyRow({ direction: "read", connections: 4, format: "luks" }),
+  fioRow({ rw: "randread", format: "luks" }),
 ];

@@ -19,7 +19,7 @@ import {
 } from "./proc.ts";
 import type { ImageFormat, ServerDef, ServeTarget } from "./types.ts";
 import { DENBD_PERMISSIONS } from "../../lib/permissions.ts";
-import { driverOf, FORMAT_INFO } from "./types.ts";
+import { driverOf, FORMAT_INFO, imageArgs, LUKS_SECRET } from "./types.ts";
 import { nbdkitTlsArgs, qemuTlsArgs } from "./tls.ts";
 
 /** denbd's entry point, found relative to this file so the script runs from any directory. */
@@ -27,6 +27,8 @@ const DENBD_MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).
 
 /** Image formats read from a local file. */
 const FILE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "qcow2-compressed", "qcow2-empty"];
+/** The other image formats (issue 13): denbd and qemu-nbd (nbdkit only has a luks filter). */
+const OTHER_FORMATS: readonly ImageFormat[] = ["vdi", "vmdk", "vhdx", "luks"];
 /** Raw served over TLS (x509, PSK). */
 const TLS_FORMATS: readonly ImageFormat[] = ["tls-x509", "tls-psk"];
 /** Remote formats (an origin re-exported read-only). */
@@ -54,7 +56,7 @@ function denbdDef(
     label,
     formats: options.length > 0
       ? FILE_FORMATS
-      : [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS],
+      : [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS, ...OTHER_FORMATS],
     argv: (t) => [
       // env(1) execs, so the measured pid is still the server's.
       ...(env.length > 0 ? ["env", ...env] : []),
@@ -62,10 +64,10 @@ function denbdDef(
       "run",
       ...DENBD_PERMISSIONS,
       main() ?? DENBD_MAIN,
-      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...["-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
       ...qemuTlsArgs(t),
       ...options,
-      t.image,
+      ...imageArgs(t.format, t.image),
     ],
     unavailable: () => {
       const file = main();
@@ -92,6 +94,9 @@ function nbdkitPlugin(t: ServeTarget): string[] {
     case "http":
       return ["-r", "curl", t.image];
     default:
+      if (t.format === "luks") {
+        return ["--filter=luks", "file", t.image, `passphrase=${LUKS_SECRET}`];
+      }
       return ["file", t.image];
   }
 }
@@ -116,21 +121,21 @@ export const SERVER_DEFS: readonly ServerDef[] = [
   {
     id: "qemu-nbd",
     label: "qemu-nbd",
-    formats: [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS],
+    formats: [...FILE_FORMATS, ...REMOTE_FORMATS, ...TLS_FORMATS, ...OTHER_FORMATS],
     // qemu-nbd's own defaults, spelled out (the file options mean nothing to nbd/curl nodes).
     argv: (t) => [
       "qemu-nbd",
-      ...["-f", driverOf(t.format), "-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
+      ...["-k", t.socket, "-t", "-e", "0", ...readOnlyFor(t)],
       ...qemuTlsArgs(t),
       ...(FORMAT_INFO[t.format].remote ? [] : ["--cache=writeback", "--aio=threads"]),
-      t.image,
+      ...imageArgs(t.format, t.image),
     ],
   },
   {
     id: "nbdkit",
     label: "nbdkit",
-    // No qcow2 reader in nbdkit 1.32, so http-qcow2 is not run ("—").
-    formats: ["raw", "nbd-raw", "http-raw", ...TLS_FORMATS],
+    // No qcow2, vdi, vmdk or vhdx reader in nbdkit 1.32 ("—"); its luks filter reads LUKS1.
+    formats: ["raw", "nbd-raw", "http-raw", ...TLS_FORMATS, "luks"],
     // -f: stay in the foreground so the PID we hold is the server; default 16 threads.
     argv: (t) => [
       "nbdkit",

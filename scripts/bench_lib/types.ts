@@ -21,6 +21,10 @@ import type { BenchCredentials } from "./tls.ts";
  * - `nbd-raw`: the raw master exported by `qemu-nbd -t -e 0 -r -f raw` on a unix socket;
  * - `http-raw` / `http-qcow2`: the raw master / its qcow2 conversion served by nginx on loopback.
  *
+ * Other image formats (issue 13) are the master converted with `qemu-img convert`, so every
+ * block holds data: `vdi`, `vmdk` (monolithicSparse), `vhdx` (dynamic), and `luks` (LUKS1,
+ * aes-256-xts-plain64, opened with the secret {@link LUKS_SECRET} through `--image-opts`).
+ *
  * TLS formats are a private raw copy served over TLS (see tls.ts), the clients connecting with
  * `nbds+unix://`: `tls-x509` (certificates, the client's verified) and `tls-psk` (a pre-shared key).
  */
@@ -33,7 +37,14 @@ export type ImageFormat =
   | "http-raw"
   | "http-qcow2"
   | "tls-x509"
-  | "tls-psk";
+  | "tls-psk"
+  | "vdi"
+  | "vmdk"
+  | "vhdx"
+  | "luks";
+
+/** The passphrase of the benchmark's LUKS image. */
+export const LUKS_SECRET = "denbd-bench";
 
 /** Where a remote format's origin is: an NBD server or an HTTP server. */
 export type RemoteKind = "nbd" | "http";
@@ -64,14 +75,37 @@ export const FORMAT_INFO: Readonly<Record<ImageFormat, FormatInfo>> = {
   "http-qcow2": { label: "qcow2 via HTTP (nginx)", freshPerRun: false, remote: "http" },
   "tls-x509": { label: "raw over TLS (x509)", freshPerRun: false, tls: "x509" },
   "tls-psk": { label: "raw over TLS (PSK)", freshPerRun: false, tls: "psk" },
+  vdi: { label: "vdi (allocated)", freshPerRun: false },
+  vmdk: { label: "vmdk (allocated)", freshPerRun: false },
+  vhdx: { label: "vhdx (allocated)", freshPerRun: false },
+  luks: { label: "luks (aes-xts)", freshPerRun: false },
 };
 
 /** The `-f` driver name that serves an image format. */
-export function driverOf(format: ImageFormat): "raw" | "qcow2" {
+export function driverOf(format: ImageFormat): string {
+  if (format === "vdi" || format === "vmdk" || format === "vhdx" || format === "luks") {
+    return format;
+  }
   return format === "raw" || format === "nbd-raw" || format === "http-raw" ||
       FORMAT_INFO[format].tls !== undefined
     ? "raw"
     : "qcow2";
+}
+
+/**
+ * How qemu-nbd and denbd name a local image: `-f DRIVER FILE`, or for luks the secret object and
+ * `--image-opts` (the key is an option of the format node).
+ */
+export function imageArgs(format: ImageFormat, image: string): string[] {
+  if (format === "luks") {
+    return [
+      "--object",
+      `secret,id=bench0,data=${LUKS_SECRET}`,
+      "--image-opts",
+      `driver=luks,key-secret=bench0,file.filename=${image}`,
+    ];
+  }
+  return ["-f", driverOf(format), image];
 }
 
 /** Where a server instance runs and what it serves. */

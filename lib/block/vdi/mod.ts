@@ -25,6 +25,7 @@ import {
   type Capabilities,
   Errno,
   type ExtentList,
+  type FileRange,
   STATE_HOLE,
   STATE_ZERO,
   type WriteFlags,
@@ -46,7 +47,7 @@ export { hasVdiSignature } from "./header.ts";
 export const vdiFormat: FormatDriver = {
   name: "vdi",
   probe: (head) => hasVdiSignature(head) ? 100 : 0,
-  open: (file, ctx) => openVdi(file, { writable: ctx.writable }),
+  open: (file, ctx) => openVdi(file, { writable: ctx.writable, zeroCopy: ctx.zeroCopy }),
 };
 
 /** Largest block map held in memory (a 256 TiB disk); qemu's limit (4 GiB) is not practical. */
@@ -56,6 +57,8 @@ const ZERO_CHUNK = 1024 * 1024;
 
 export interface VdiOpenOptions {
   readonly writable: boolean;
+  /** Offer fileRange/writeRange for allocated blocks (a plain file, page cache). */
+  readonly zeroCopy?: boolean;
 }
 
 /** Opens a VDI image over `file`; closes the file if opening fails. */
@@ -120,6 +123,7 @@ export class VdiDevice implements BlockDevice {
   readonly #blockSize: number;
   readonly #static: boolean;
   readonly #alloc = new Lock();
+  readonly #zeroCopy: boolean;
 
   constructor(file: FileEngine, header: VdiHeader, map: VdiBlockMap, options: VdiOpenOptions) {
     this.#file = file;
@@ -128,6 +132,7 @@ export class VdiDevice implements BlockDevice {
     this.#blockSize = header.blockSize;
     this.#static = header.imageType === VDI_TYPE_STATIC;
     this.size = header.diskSize;
+    this.#zeroCopy = options.zeroCopy ?? false;
     const w = options.writable;
     this.caps = {
       writable: w,
@@ -143,6 +148,28 @@ export class VdiDevice implements BlockDevice {
   /** The file offset of byte `inBlock` of image block `entry`. */
   #at(entry: number, inBlock: number): number {
     return this.#header.offsetData + entry * this.#blockSize + inBlock;
+  }
+
+  /**
+   * Where a range inside one allocated block lies in the file (blocks are stored as-is), for
+   * the session's page-cache and sendfile paths. A dynamic image's allocated block is data;
+   * a static one's may hold file holes, so it is not known to be.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    if (!this.#zeroCopy) return undefined;
+    const bs = this.#blockSize;
+    const block = Math.floor(offset / bs);
+    const inBlock = offset - block * bs;
+    if (inBlock + length > bs) return undefined;
+    const entry = this.#map.get(block);
+    if (!isAllocated(entry)) return undefined;
+    return { fd: this.#file.fd, offset: this.#at(entry, inBlock), data: !this.#static };
+  }
+
+  /** A write inside one allocated block goes straight into the file. */
+  writeRange(offset: number, length: number): FileRange | undefined {
+    if (!this.caps.writable) return undefined;
+    return this.fileRange(offset, length);
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<void> {
