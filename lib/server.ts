@@ -44,6 +44,9 @@ export function deviceSocketPath(device: string): string {
   return `/var/lock/qemu-nbd-${device.slice(device.lastIndexOf("/") + 1)}`;
 }
 
+/** How long -c waits for a data-plane thread before binding the device anyway. */
+const DATA_PLANE_START_WAIT_MS = 10_000;
+
 /**
  * Run the server until it stops; returns the process exit code. `objects` are the --object
  * objects the command line created (TLS credentials, authorization).
@@ -121,6 +124,9 @@ export async function runServer(
   let attached: AttachedDevice | undefined;
   try {
     if (options.connect !== undefined && address.transport === "unix") {
+      // The kernel's connection comes at once: let it reach a data-plane thread (raw images),
+      // not the main thread that would otherwise serve it for as long as the device is bound.
+      await plane?.whenReady(DATA_PLANE_START_WAIT_MS);
       attached = await connectDevice(options, options.connect, address.path, loop, io, report);
       if (attached === undefined) {
         exitCode = 1;

@@ -86,6 +86,8 @@ export class DataPlane implements ConnectionHost {
   readonly #threads: Thread[] = [];
   #nextId = 1;
   #failed: string | undefined;
+  /** whenReady callers, woken by the first ready thread or a failure. */
+  #waiters: (() => void)[] = [];
 
   /** Start `count` threads opening the export described by `options`. */
   constructor(count: number, options: ServerOptions) {
@@ -99,6 +101,7 @@ export class DataPlane implements ConnectionHost {
       worker.onerror = (e) => {
         e.preventDefault();
         this.#failed ??= e.message;
+        this.#wake();
         t.ready = false;
         for (const end of t.sessions.values()) end({ negotiated: false });
         t.sessions.clear();
@@ -112,6 +115,27 @@ export class DataPlane implements ConnectionHost {
   /** Whether some thread is ready to take connections. */
   get ready(): boolean {
     return this.#threads.some((t) => t.ready);
+  }
+
+  /**
+   * Resolves once a thread is ready, one failed, or `timeoutMs` passed: for a connection that
+   * should not land on the main thread just because it came first (-c connects at once).
+   */
+  whenReady(timeoutMs: number): Promise<void> {
+    if (this.ready || this.#failed !== undefined) return Promise.resolve();
+    const { promise, resolve } = Promise.withResolvers<void>();
+    const timer = setTimeout(resolve, timeoutMs);
+    this.#waiters.push(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+    return promise;
+  }
+
+  #wake(): void {
+    const w = this.#waiters;
+    this.#waiters = [];
+    for (const f of w) f();
   }
 
   /** Why a thread could not start, if one failed (its connections go to the main thread). */
@@ -162,9 +186,11 @@ export class DataPlane implements ConnectionHost {
     switch (m.kind) {
       case "ready":
         t.ready = true;
+        this.#wake();
         return;
       case "failed":
         this.#failed ??= m.message;
+        this.#wake();
         return;
       case "end": {
         const end = t.sessions.get(m.id);
