@@ -24,7 +24,6 @@
 
 import { deflateSync, inflateSync } from "node:zlib";
 import type { FileEngine } from "../../io/file_engine.ts";
-import type { ImageFormat } from "../../cli/options.ts";
 import type { FormatContext, FormatDriver } from "../formats.ts";
 import { type BackingChain, resolveBackingPath } from "../qcow2/mod.ts";
 import {
@@ -47,7 +46,6 @@ import {
   DESC_SIZE,
   descriptionValue,
   EXTENT_MAX_SECTORS,
-  FLAG_COMPRESS,
   FLAG_MARKER,
   FLAG_RGD,
   FLAG_ZERO_GRAIN,
@@ -280,12 +278,19 @@ async function openParent(
       `Backing file loop detected: '${path}' has parent '${hint}', which is above it in the chain`,
     );
   }
-  return await ctx.openBacking(target, "vmdk", below);
+  try {
+    return await ctx.openBacking(target, "vmdk", below);
+  } catch (e) {
+    // qemu's bdrv_open_backing_file prepends this at every level of the chain.
+    if (!(e instanceof BlockError)) throw e;
+    throw new BlockError(e.errno, `Could not open backing file: ${e.message}`);
+  }
 }
 
 /** qemu's vmdk_read_desc: up to 1 MiB - 1 of the file's start. */
 async function readHead(file: FileEngine): Promise<Uint8Array> {
-  const size = file.length();
+  // qemu's bdrv_getlength counts whole sectors: only an empty file is too small.
+  const size = Math.ceil(file.length() / SECTOR) * SECTOR;
   if (size < 4) throw new BlockError(Errno.EINVAL, "File is too small, not a valid image");
   const buf = new Uint8Array(Math.min(size, DESC_READ_MAX));
   await readPadded(file, buf, 0);
@@ -353,7 +358,7 @@ async function openSparse(
   let h = decodeVmdk4Header(head.subarray(4));
   if (h.capacity === 0n && h.descOffset !== 0n) {
     const off = Number(h.descOffset) * SECTOR;
-    const size = file.length();
+    const size = Math.ceil(file.length() / SECTOR) * SECTOR;
     const buf = new Uint8Array(Math.min(size, DESC_READ_MAX));
     await readPadded(file, buf, off);
     return await openDescriptor(st, file, buf, depth + 1);
