@@ -25,7 +25,7 @@
 import { deflateSync, inflateSync } from "node:zlib";
 import type { FileEngine } from "../../io/file_engine.ts";
 import type { FormatContext, FormatDriver } from "../formats.ts";
-import { type BackingChain, resolveBackingPath } from "../qcow2/mod.ts";
+import type { BackingChain } from "../qcow2/mod.ts";
 import {
   type BlockDevice,
   BlockError,
@@ -122,6 +122,8 @@ class Extent {
   readonly l2Entries: number;
   readonly l1EntryBytes: number;
   nextClusterSector: number;
+  /** The file's length when last looked at (it only grows). */
+  knownLength: number;
   readonly #l2 = new Map<number, Uint32Array | Promise<Uint32Array>>();
   #l2Bytes = 0;
 
@@ -151,7 +153,8 @@ class Extent {
     this.compressed = init.compressed ?? false;
     this.hasMarker = init.hasMarker ?? false;
     this.zeroGrain = init.zeroGrain ?? false;
-    const fileSectors = Math.ceil(init.file.length() / SECTOR);
+    this.knownLength = init.file.length();
+    const fileSectors = Math.ceil(this.knownLength / SECTOR);
     this.nextClusterSector = init.flat ? 0 : Math.ceil(fileSectors / cs) * cs;
   }
 
@@ -254,6 +257,17 @@ interface OpenState {
   readonly opened: FileEngine[];
   descOffset: number;
   desc: string;
+}
+
+/**
+ * A name relative to the image's directory, as qemu's path_combine joins it (no normalisation);
+ * the same rule as qcow2's resolveBackingPath, kept here because importing qcow2/mod.ts would
+ * close an import cycle through formats.ts.
+ */
+function resolveBackingPath(imagePath: string, name: string): string {
+  if (name.startsWith("/")) return name;
+  const slash = imagePath.lastIndexOf("/");
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
 }
 
 function realPath(path: string): string {
@@ -624,8 +638,17 @@ export class VmdkDevice implements BlockDevice {
       } else {
         const p = this.#lookup(e, pos, w);
         if (p !== undefined) await p;
-        if (w.at >= 0 && !e.compressed) await e.file.pwrite(part, w.at + inGrain);
-        else await this.#lock.run(() => this.#allocate(e, pos, inGrain, part));
+        if (w.at >= 0 && !e.compressed) {
+          // A damaged entry pointing past the end of the file (qemu-img check: "points after
+          // EOF") would make denbd write far out; qemu writes there, denbd refuses.
+          if (w.at >= e.knownLength && w.at >= (e.knownLength = e.file.length())) {
+            throw new BlockError(
+              Errno.EIO,
+              `VMDK grain at offset ${w.at} of '${e.file.path}' is past its end (${e.knownLength} bytes)`,
+            );
+          }
+          await e.file.pwrite(part, w.at + inGrain);
+        } else await this.#lock.run(() => this.#allocate(e, pos, inGrain, part));
       }
       if (!this.#cidUpdated) await this.#lock.run(() => this.#updateCid());
     }
@@ -651,6 +674,7 @@ export class VmdkDevice implements BlockDevice {
       // qemu preallocates every grain table and allocates none.
       throw new BlockError(Errno.EIO, `VMDK image has no grain table for offset ${pos}`);
     }
+    this.#checkTable(e, w);
     if (e.nextClusterSector >= EXTENT_MAX_SECTORS) {
       throw new BlockError(Errno.EINVAL, `VMDK extent '${e.file.path}' is full`);
     }
@@ -691,8 +715,28 @@ export class VmdkDevice implements BlockDevice {
     await this.#setEntry(e, w, sector);
   }
 
+  /**
+   * A grain table that does not lie inside its file (a damaged directory) reads as zeroes, as in
+   * qemu, but denbd does not write an entry there: qemu would write far past the end.
+   */
+  #checkTable(e: Extent, w: Where): void {
+    const len = e.file.length();
+    const backup = e.l1Backup?.[w.l1Index] ?? 0;
+    for (const sector of backup === 0 ? [w.l2Sector] : [w.l2Sector, backup]) {
+      if (sector * SECTOR + e.l2Entries * 4 > len) {
+        throw new BlockError(
+          Errno.EIO,
+          `VMDK grain table at offset ${
+            sector * SECTOR
+          } of '${e.file.path}' is past its end (${len} bytes)`,
+        );
+      }
+    }
+  }
+
   /** Writes a grain table entry, its redundant copy, then updates the cache. */
   async #setEntry(e: Extent, w: Where, value: number): Promise<void> {
+    this.#checkTable(e, w);
     const b = new Uint8Array(4);
     new DataView(b.buffer).setUint32(0, value, true);
     await e.file.pwrite(b, w.l2Sector * SECTOR + w.l2Index * 4);
