@@ -32,6 +32,7 @@ import {
   type Capabilities,
   Errno,
   ExtentList,
+  type FileRange,
   STATE_HOLE,
   STATE_ZERO,
   type WriteFlags,
@@ -561,29 +562,92 @@ export class VmdkDevice implements BlockDevice {
   async pread(buf: Uint8Array, offset: number): Promise<void> {
     const reads: Promise<void>[] = [];
     const w: Where = { at: 0, l1Index: 0, l2Index: 0, l2Sector: 0 };
+    // Grains that follow each other in the same file are read with one pread.
+    let runFile: FileEngine | undefined;
+    let runStart = 0;
+    let runAt = 0;
+    let runEnd = 0;
+    const flushRun = () => {
+      if (runFile !== undefined && runEnd > runStart) {
+        reads.push(readPadded(runFile, buf.subarray(runStart, runEnd), runAt));
+      }
+      runFile = undefined;
+    };
     for (let done = 0; done < buf.length;) {
       const pos = offset + done;
       const e = this.#extentAt(pos);
       const rel = pos - e.start;
       const inGrain = rel % e.grainBytes;
       const n = Math.min(buf.length - done, e.grainBytes - inGrain);
-      const part = buf.subarray(done, done + n);
+      const start = done;
       done += n;
+      let at: number;
       if (e.flat) {
-        reads.push(readPadded(e.file, part, e.flatStart + rel));
+        at = e.flatStart + rel;
+      } else {
+        const p = this.#lookup(e, pos, w);
+        if (p !== undefined) await p;
+        if (w.at === -1) {
+          throw new BlockError(Errno.EIO, `VMDK grain directory has no entry for ${pos}`);
+        }
+        if (w.at < 0 || e.compressed) {
+          flushRun();
+          const part = buf.subarray(start, done);
+          if (w.at === ZEROED) part.fill(0);
+          else if (w.at === UNALLOC) reads.push(this.#readBacking(part, pos));
+          else reads.push(this.#readCompressed(e, w.at, inGrain, part));
+          continue;
+        }
+        at = w.at + inGrain;
+      }
+      if (runFile === e.file && runAt + (runEnd - runStart) === at) {
+        runEnd = done;
         continue;
       }
-      const p = this.#lookup(e, pos, w);
-      if (p !== undefined) await p;
-      if (w.at === -1) {
-        throw new BlockError(Errno.EIO, `VMDK grain directory has no entry for ${pos}`);
-      }
-      if (w.at === ZEROED) part.fill(0);
-      else if (w.at === UNALLOC) reads.push(this.#readBacking(part, pos));
-      else if (e.compressed) reads.push(this.#readCompressed(e, w.at, inGrain, part));
-      else reads.push(readPadded(e.file, part, w.at + inGrain));
+      flushRun();
+      runFile = e.file;
+      runStart = start;
+      runAt = at;
+      runEnd = done;
     }
+    flushRun();
     await Promise.all(reads);
+  }
+
+  /** Zero-copy reads: a flat extent, or one uncompressed grain whose table is cached. */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const r = this.#direct(offset, length);
+    return r === undefined ? undefined : { fd: r.e.file.fd, offset: r.at, data: !r.e.flat };
+  }
+
+  /** Plain writes straight into the file: as fileRange, once the CID has been updated. */
+  writeRange(offset: number, length: number): FileRange | undefined {
+    if (!this.caps.writable || !this.#cidUpdated) return undefined;
+    const r = this.#direct(offset, length);
+    if (r === undefined || (!r.e.flat && r.at + length > r.e.knownLength)) return undefined;
+    return { fd: r.e.file.fd, offset: r.at, data: !r.e.flat };
+  }
+
+  #direct(offset: number, length: number): { e: Extent; at: number } | undefined {
+    let e: Extent | undefined;
+    for (const x of this.#extents) {
+      if (offset < x.end) {
+        e = x;
+        break;
+      }
+    }
+    if (e === undefined || offset + length > e.end || e.compressed) return undefined;
+    const rel = offset - e.start;
+    if (e.flat) return { e, at: e.flatStart + rel };
+    const inGrain = rel % e.grainBytes;
+    if (inGrain + length > e.grainBytes) return undefined;
+    const l2Sector = e.l1[Math.floor(rel / e.l1EntryBytes)];
+    if (l2Sector === undefined || l2Sector === 0) return undefined;
+    const t = e.cachedTable(l2Sector);
+    if (t === undefined) return undefined;
+    const entry = t[Math.floor(rel / e.grainBytes) % e.l2Entries]!;
+    if (entry === 0 || (e.zeroGrain && entry === GTE_ZEROED)) return undefined;
+    return { e, at: entry * SECTOR + inGrain };
   }
 
   async #readBacking(part: Uint8Array, pos: number): Promise<void> {
