@@ -446,6 +446,15 @@ Deno.test("vmdk: damaged images and descriptors are refused with qemu-nbd's mess
         msg: /missing\.raw/,
       },
       {
+        name: "huge extent",
+        make: () =>
+          Deno.writeTextFile(
+            p("huge extent"),
+            descriptor("monolithicFlat", ['RW 99999999999999999 FLAT "base.vmdk" 0']),
+          ),
+        msg: /Could not refresh total sector count: File too large/,
+      },
+      {
         name: "bad type",
         make: () => Deno.writeTextFile(p("bad type"), descriptor("fancy", [])),
         msg: /Unsupported image type 'fancy'/,

@@ -230,9 +230,7 @@ export async function openVmdk(file: FileEngine, ctx: FormatContext): Promise<Vm
       e.start = pos;
       pos += e.bytes;
     }
-    if (pos > Number.MAX_SAFE_INTEGER) {
-      throw new BlockError(Errno.EFBIG, `VMDK image '${file.path}' is too large (${pos} bytes)`);
-    }
+    if (pos > Number.MAX_SAFE_INTEGER) throw tooLarge(pos, `VMDK image '${file.path}'`);
     let parentOk = true;
     if (hint !== "") {
       backing = await openParent(file.path, hint, ctx.chain, ctx);
@@ -342,7 +340,7 @@ async function openDescriptor(
       throw new BlockError(Errno.ENOTSUP, `Unsupported extent type '${line.type}'`);
     }
     if (line.sectors > 2 ** 53 / SECTOR || line.flatOffset > 2 ** 53 / SECTOR) {
-      throw new BlockError(Errno.EFBIG, `Extent '${path}' is too large (${line.sectors} sectors)`);
+      throw tooLarge(line.sectors * SECTOR, `Extent '${path}'`);
     }
     const ef = st.ctx.openFile(path, st.ctx.writable);
     st.opened.push(ef);
@@ -403,7 +401,7 @@ async function openSparse(
   }
   checkExtentGeometry(h.granularity, l1Size);
   if (h.capacity > BigInt(2 ** 53 / SECTOR)) {
-    throw new BlockError(Errno.EFBIG, `Extent '${file.path}' is too large (${h.capacity} sectors)`);
+    throw tooLarge(Number(h.capacity) * SECTOR, `Extent '${file.path}'`);
   }
   const gd = h.gdOffset * 512n;
   const l1 = await readTable(file, gd, l1Size);
@@ -422,6 +420,17 @@ async function openSparse(
       zeroGrain: (h.flags & FLAG_ZERO_GRAIN) !== 0,
     }),
   );
+}
+
+/**
+ * A size past what a number holds exactly: qemu's own message when qemu refuses it too (past
+ * its BDRV_MAX_LENGTH, about 2^63), else denbd's (between 2^53 and 2^63 qemu would open it).
+ */
+function tooLarge(bytes: number, what: string): BlockError {
+  if (bytes >= 2 ** 63) {
+    return new BlockError(Errno.EFBIG, "Could not refresh total sector count: File too large");
+  }
+  return new BlockError(Errno.EFBIG, `${what} is too large for denbd (${bytes} bytes)`);
 }
 
 function checkExtentGeometry(granularity: bigint, l1Size: number): void {
