@@ -319,6 +319,24 @@ Deno.test("vmdk: writes through NBD match qemu-io on the image, check clean", as
       await runOk(["qemu-img", "compare", "-f", "vmdk", "-F", "vmdk", viaNbd, direct]);
       await checkClean(viaNbd);
     });
+    await t.step("advertised flags and sizes match qemu-nbd, writable and read-only", async () => {
+      const img = imgs.find((i) => i.name === "ts.vmdk")!;
+      for (const ro of [false, true]) {
+        const d = await copyImg(dir, img, `${dir}/flags${ro}/d`);
+        const q = await copyImg(dir, img, `${dir}/flags${ro}/q`);
+        const args = ["-t", "-f", "vmdk", ...(ro ? ["-r"] : [])];
+        await withServers([
+          { dir, kind: "denbd", args, image: d },
+          { dir, kind: "qemu-nbd", args, image: q },
+        ], async ([ds, qs]) => {
+          const info = async (s: Server) =>
+            (await nbdinfo("--json", s.uri)).split("\n").filter((l) =>
+              !/"(export-name|uri|description)"/.test(l)
+            ).join("\n");
+          assert.equal(await info(ds!), await info(qs!), `flags, read-only ${ro}`);
+        });
+      }
+    });
     await t.step("version 3 images are refused read-write, as qemu", async () => {
       const res = await run([...serverArgv("denbd"), "-k", `${dir}/v3.sock`, `${dir}/v3.vmdk`]);
       assert.equal(res.code, 1);
