@@ -176,10 +176,13 @@ class Extent {
     const p = (async () => {
       const bytes = new Uint8Array(size);
       await readPadded(this.file, bytes, l2Sector * SECTOR);
+      // Entries are little-endian: read in place on the little-endian hosts denbd runs on.
       const tab = new Uint32Array(bytes.buffer);
       while (this.#l2Bytes + size > L2_CACHE_BYTES && this.#l2.size > 0) {
-        this.#l2.delete(this.#l2.keys().next().value!);
-        this.#l2Bytes -= size;
+        const [oldest, t] = this.#l2.entries().next().value!;
+        this.#l2.delete(oldest);
+        // A table still loading was not counted yet.
+        if (t instanceof Uint32Array) this.#l2Bytes -= size;
       }
       this.#l2.set(l2Sector, tab);
       this.#l2Bytes += size;
