@@ -28,6 +28,11 @@ export interface FormatContext {
   /** Open for writing (the file is open read-write). */
   readonly writable: boolean;
   /**
+   * The file is open with O_DIRECT (--cache=none|directsync): no zero-copy reads or writes
+   * through the page cache (BlockDevice.fileRange/writeRange) over it.
+   */
+  readonly direct?: boolean;
+  /**
    * The format node's own options (`--image-opts`, `json:`), without `driver`, `file` and
    * `file.*`: e.g. `key-secret` for luks. Only keys listed in {@link FormatDriver.optionKeys}
    * get here; the opener refuses others as qemu does.

@@ -460,6 +460,7 @@ export async function openRegisteredFormat(
   }
   const device = await driver.open(file, {
     writable: ctx.writable,
+    direct: ctx.engine.direct === true,
     options: own,
     warn: ctx.warn,
     chain: ctx.chain ?? { paths: [] },

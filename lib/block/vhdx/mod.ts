@@ -34,6 +34,7 @@ import {
   type Capabilities,
   Errno,
   type ExtentList,
+  type FileRange,
   type WriteFlags,
   type ZeroFlags,
 } from "../types.ts";
@@ -81,7 +82,12 @@ import { VhdxLog } from "./log.ts";
 export const vhdxFormat: FormatDriver = {
   name: "vhdx",
   probe: (head) => hasVhdxSignature(head) ? 100 : 0,
-  open: (file, ctx) => openVhdx(file, { writable: ctx.writable, warn: ctx.warn }),
+  open: (file, ctx) =>
+    openVhdx(file, {
+      writable: ctx.writable,
+      warn: ctx.warn,
+      zeroCopy: ctx.direct !== true && file.fd >= 0,
+    }),
 };
 
 /** Whether a file starts with the VHDX file identifier (qemu's vhdx_probe). */
@@ -103,6 +109,8 @@ export interface VhdxOpenOptions {
   readonly writable: boolean;
   /** error_report lines (qemu prints some diagnostics before failing the open). */
   readonly warn?: (msg: string) => void;
+  /** Offer zero-copy reads and writes of fully present blocks (not under O_DIRECT). */
+  readonly zeroCopy?: boolean;
 }
 
 const STRERROR: Record<number, string> = {
@@ -385,8 +393,13 @@ export class VhdxDevice implements BlockDevice {
   readonly #lock = new Lock();
   /** The first visible write's header update, once started. */
   #visible: Promise<void> | undefined;
+  /** The header update is on disk: plain writes may bypass the driver (writeRange). */
+  #visibleDone = false;
 
-  constructor(file: FileEngine, layout: VhdxLayout, options: { writable: boolean }) {
+  readonly #zeroCopy: boolean;
+
+  constructor(file: FileEngine, layout: VhdxLayout, options: VhdxOpenOptions) {
+    this.#zeroCopy = options.zeroCopy === true;
     this.#file = file;
     this.#headers = layout.headers;
     this.#bat = layout.bat;
@@ -396,7 +409,10 @@ export class VhdxDevice implements BlockDevice {
     this.#chunkRatio = layout.chunkRatio;
     this.#hasParent = layout.hasParent;
     // A log replay at open was the session's first visible write.
-    if (layout.replayed) this.#visible = Promise.resolve();
+    if (layout.replayed) {
+      this.#visible = Promise.resolve();
+      this.#visibleDone = true;
+    }
     this.size = layout.size;
     const w = options.writable;
     this.caps = {
@@ -475,10 +491,42 @@ export class VhdxDevice implements BlockDevice {
     await Promise.all(reads);
   }
 
+  /**
+   * A range inside one fully present block lies as-is in the file (its holes read as zeroes,
+   * as qemu reads them): sendfile may serve it. Everything reports as data in qemu's vhdx.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const at = this.#fileAt(offset, length);
+    return at === undefined ? undefined : { fd: this.#file.fd, offset: at, data: true };
+  }
+
+  /** Plain writes into a fully present block, once the session's header update is done. */
+  writeRange(offset: number, length: number): FileRange | undefined {
+    if (!this.caps.writable || this.#visibleDone !== true) return undefined;
+    const at = this.#fileAt(offset, length);
+    if (at === undefined || at < MiB) return undefined;
+    return { fd: this.#file.fd, offset: at, data: false };
+  }
+
+  #fileAt(offset: number, length: number): number | undefined {
+    if (!this.#zeroCopy || this.#hasParent) return undefined;
+    const bs = this.#blockSize;
+    const block = Math.floor(offset / bs);
+    const inBlock = offset - block * bs;
+    if (inBlock + length > bs) return undefined;
+    const idx = this.#index(block);
+    if (this.#state(idx) !== PAYLOAD_BLOCK_FULLY_PRESENT) return undefined;
+    const base = this.#offset(idx);
+    return base === 0 ? undefined : base + inBlock;
+  }
+
   /** The first guest-visible write of the session: new data write GUID in both headers. */
   #visibleWrite(): Promise<void> {
     if (this.#visible === undefined) {
-      this.#visible = this.#lock.run(() => this.#headers.updateBoth(this.#file, true));
+      this.#visible = this.#lock.run(async () => {
+        await this.#headers.updateBoth(this.#file, true);
+        this.#visibleDone = true;
+      });
       // A failed update is retried by the next write.
       this.#visible.catch(() => this.#visible = undefined);
     }
