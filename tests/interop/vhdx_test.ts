@@ -8,7 +8,9 @@
  * with qemu-io: the two must read the same and `qemu-img check` clean. A dirty log (written with
  * the test's own log encoder) must be refused read-only with qemu's message and replayed
  * read-write to the same guest bytes as qemu-nbd's replay. Damaged images fail to open with
- * qemu-nbd's message; kill -9 during writes leaves an image qemu-img check accepts.
+ * qemu-nbd's messages (errors and error_report lines alike); every BAT state reads as in
+ * qemu-nbd (zeroes, data, EIO for partially present); kill -9 during writes leaves an image
+ * qemu-img check accepts, with no torn 4 KiB write.
  *
  * @module
  */
@@ -426,6 +428,68 @@ Deno.test("vhdx: damaged images fail to open with qemu-nbd's messages", async ()
       { name: "region table checksum", patch: (_v, b) => b[0x30000 + 200] = 1 },
       { name: "metadata signature", patch: (_v, b) => b[0x300000] = 0 },
       {
+        // A differencing image: qemu 7.2 refuses a parent locator.
+        name: "parent locator",
+        patch: (v, b) => {
+          const md = 3 * MiB;
+          v.setUint16(md + 10, 6, true);
+          b.set(
+            [
+              0x2d,
+              0x5f,
+              0xd3,
+              0xa8,
+              0x0b,
+              0xb3,
+              0x4d,
+              0x45,
+              0xab,
+              0xf7,
+              0xd3,
+              0xd8,
+              0x48,
+              0x34,
+              0xab,
+              0x0c,
+            ],
+            md + 32 + 32 * 5,
+          );
+          v.setUint32(md + 32 + 32 * 5 + 16, 0x10100, true);
+          v.setUint32(md + 32 + 32 * 5 + 20, 64, true);
+          v.setUint32(md + 32 + 32 * 5 + 24, 4, true);
+        },
+      },
+      {
+        name: "unknown required metadata",
+        patch: (v, b) => {
+          const md = 3 * MiB;
+          v.setUint16(md + 10, 6, true);
+          b.fill(0x77, md + 32 + 32 * 5, md + 32 + 32 * 5 + 16);
+          v.setUint32(md + 32 + 32 * 5 + 24, 4, true);
+        },
+      },
+      {
+        // The logical sector size item (the fourth, after 8 + 8 + 16 bytes of items).
+        name: "logical sector 4096",
+        patch: (v) => v.setUint32(3 * MiB + 0x10000 + 32, 4096, true),
+      },
+      {
+        name: "block size 512k",
+        patch: (v) => v.setUint32(3 * MiB + 0x10000, 512 * 1024, true),
+      },
+      {
+        name: "unknown required region",
+        patch: (v, b) => {
+          const rt = 0x30000;
+          v.setUint32(rt + 8, 3, true);
+          b.fill(0x66, rt + 16 + 64, rt + 16 + 80);
+          v.setBigUint64(rt + 16 + 80, BigInt(8 * MiB), true);
+          v.setUint32(rt + 16 + 88, MiB, true);
+          v.setUint32(rt + 16 + 92, 1, true);
+          v.setUint32(rt + 4, crc32cWithHole(b.subarray(rt, rt + 0x10000), 4), true);
+        },
+      },
+      {
         name: "BAT entry past the end",
         patch: (v) => v.setBigUint64(bat + 8, BigInt(fileLen + 16 * MiB) | 6n, true),
       },
@@ -517,5 +581,40 @@ Deno.test("vhdx: kill -9 during allocating writes leaves a clean image", async (
       }
     }
     assert.ok(landed >= 2, `only ${landed} of 4 kills landed during the workload`);
+  });
+});
+
+Deno.test("vhdx: every BAT state reads as qemu-nbd reads it", async () => {
+  await withTempDir(async (dir) => {
+    const base = `${dir}/states.vhdx`;
+    await qimg("create", "-q", "-f", "vhdx", "-o", "block_size=1M", base, "8M");
+    await qio(base, ["write -P 0x31 0 1M", "write -P 0x32 7M 4k"], "vhdx");
+    const img = `${dir}/states-patched.vhdx`;
+    // Blocks 1..5: not present, undefined, zero, unmapped, unmapped (v0.95); block 6 partially
+    // present (differencing, an I/O error in qemu).
+    await corrupt(base, img, (v, b) => {
+      const bat = batOffset(b);
+      [0, 1, 2, 3, 5].forEach((st, i) => v.setBigUint64(bat + 8 * (i + 1), BigInt(st), true));
+      v.setBigUint64(bat + 8 * 6, 7n, true);
+    });
+    await sideBySide(
+      dir,
+      img,
+      (c) => ({ args: ["-f", "vhdx", "-t", "-r"], image: c }),
+      async (d, q) => {
+        for (const s of [d, q]) {
+          await runOk(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x31 0 1M", s.uri]);
+          await runOk(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0 1M 5M", s.uri]);
+          await runOk(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x32 7M 4k", s.uri]);
+        }
+        const bad = async (s: Server) =>
+          (await run(["qemu-io", "-f", "raw", "-r", "-c", "read 6M 4k", s.uri])).stdout +
+          (await run(["qemu-io", "-f", "raw", "-r", "-c", "read 6M 4k", s.uri])).stderr;
+        const [bd, bq] = [await bad(d), await bad(q)];
+        assert.match(bq, /Input\/output error/);
+        assert.equal(bd.replace(/[0-9.]+ sec.*$/gm, ""), bq.replace(/[0-9.]+ sec.*$/gm, ""));
+        assert.equal(await nbdinfo("--map", d.uri), await nbdinfo("--map", q.uri));
+      },
+    );
   });
 });
