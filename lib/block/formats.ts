@@ -19,6 +19,7 @@ import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
 import { vdiFormat } from "./vdi/mod.ts";
 import { vmdkFormat } from "./vmdk/mod.ts";
+import { vhdxFormat } from "./vhdx/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -32,6 +33,11 @@ export interface FormatContext {
    * so the driver may offer BlockDevice.fileRange/writeRange for data stored as-is in it.
    */
   readonly zeroCopy: boolean;
+  /**
+   * The file is open with O_DIRECT (--cache=none|directsync): no zero-copy reads or writes
+   * through the page cache (BlockDevice.fileRange/writeRange) over it.
+   */
+  readonly direct?: boolean;
   /**
    * The format node's own options (`--image-opts`, `json:`), without `driver`, `file` and
    * `file.*`: e.g. `key-secret` for luks. Only keys listed in {@link FormatDriver.optionKeys}
@@ -82,6 +88,7 @@ export interface FormatDriver {
 const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
   vmdkFormat,
+  vhdxFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));

@@ -463,6 +463,7 @@ export async function openRegisteredFormat(
   const device = await driver.open(file, {
     writable: ctx.writable,
     zeroCopy: ctx.plainFile && !ctx.engine.direct,
+    direct: ctx.engine.direct === true,
     options: own,
     warn: ctx.warn,
     chain: ctx.chain ?? { paths: [] },
