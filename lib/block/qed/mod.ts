@@ -36,7 +36,6 @@ import { hasProtocol } from "../../cli/filename.ts";
 import type { ImageFormat } from "../../cli/options.ts";
 import type { FileEngine } from "../../io/file_engine.ts";
 import type { FormatContext, FormatDriver } from "../formats.ts";
-import { MAX_CHAIN_DEPTH } from "../qcow2/mod.ts";
 import {
   type BlockDevice,
   BlockError,
@@ -85,6 +84,8 @@ const HOLE_ZERO = STATE_HOLE | STATE_ZERO;
 /** Depth values collected from a backing file in one call. */
 const DEPTH_BATCH = 1 << 16;
 
+/** Longest backing chain accepted (qcow2/mod.ts has the same; not imported: it imports the registry). */
+const MAX_CHAIN_DEPTH = 256;
 /** Opens in progress in this process: a backstop for backing chains opened without `chain`. */
 let opening = 0;
 
@@ -479,9 +480,9 @@ export class QedDevice implements BlockDevice {
     if (!this.caps.writable) throw new BlockError(Errno.EPERM, "QED image is read-only");
   }
 
-  pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {
+  async pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {
     this.#checkWritable();
-    return this.#write(buf, offset, buf.length, false);
+    await this.#write(buf, offset, buf.length, false);
   }
 
   /**
