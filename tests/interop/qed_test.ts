@@ -163,6 +163,19 @@ Deno.test("qed: reads, sizes, maps, depth and flags as qemu-nbd (-f qed, probed)
         });
       });
     }
+    await t.step("--image-opts driver=qed,file.filename=... (top.qed, its chain)", async () => {
+      const img = `${dir}/top.qed`;
+      const copies = [`${img}.denbd`, `${img}.qemu`];
+      for (const c of copies) await Deno.copyFile(img, c);
+      await withServers(
+        copies.map((c, i) => ({
+          dir,
+          kind: i === 0 ? SERVER_KIND : "qemu-nbd" as const,
+          args: ["-t", "-r", "-A", "--image-opts", `driver=qed,file.filename=${c}`],
+        })),
+        ([d, q]) => compareViews(img, d!, q!),
+      );
+    });
     await t.step("over-raw.qed reads as its backing file where it was not written", async () => {
       await withServer({ dir, image: `${dir}/over-raw.qed`, args: ["-r", "-t"] }, async (s) => {
         const raw = await Deno.readFile(`${dir}/src.raw`);
