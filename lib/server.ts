@@ -145,7 +145,8 @@ export async function runServer(
     // Closing the connections ends NBD_DO_IT; let the device be cleared before exiting.
     if (attached?.done !== undefined) await boundedWait(attached.done, DEVICE_CLEAR_WAIT_MS);
   } finally {
-    for (const s of signals) Deno.removeSignalListener(s, onSignal);
+    // The signal listeners stay until the device is closed: a SIGTERM during the shutdown must
+    // not kill the process before the image's last metadata write (qed's clean header).
     await plane?.shutdown();
     await loop.close();
     try {
@@ -153,7 +154,11 @@ export async function runServer(
     } catch (e) {
       io.error(`flush at exit failed: ${e instanceof Error ? e.message : e}`);
     }
-    await device.close();
+    try {
+      await device.close();
+    } finally {
+      for (const s of signals) Deno.removeSignalListener(s, onSignal);
+    }
     // The listener removed the unix socket when it stopped; the pid file stays, as qemu-nbd
     // leaves it.
   }

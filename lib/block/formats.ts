@@ -17,6 +17,7 @@ import type { ObjectLookup } from "../objects/types.ts";
 import type { BackingChain } from "./qcow2/mod.ts";
 import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
+import { qedFormat } from "./qed/mod.ts";
 import { vdiFormat } from "./vdi/mod.ts";
 import { vmdkFormat } from "./vmdk/mod.ts";
 import { vhdxFormat } from "./vhdx/mod.ts";
@@ -89,6 +90,7 @@ const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
   vmdkFormat,
   vhdxFormat,
+  qedFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
