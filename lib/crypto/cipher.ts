@@ -7,8 +7,9 @@
  * - `plain64`: the 64-bit sector number, little-endian, zero-padded;
  * - `essiv`: plain64 encrypted (ECB) with a second cipher keyed by a hash of the master key.
  *
- * The bytes move through OpenSSL's EVP interface (ffi/libcrypto.ts), in place: one call to set
- * the IV and one to run a sector; ECB runs the whole buffer in one call. Keys are expanded once,
+ * The bytes move through OpenSSL's EVP interface (ffi/libcrypto.ts), in place: CBC and CTR take
+ * one call to set the IV and one to run a sector; ECB runs the whole buffer in one call; XTS
+ * runs on two ECB contexts, a batch of sectors at a time (see XtsOverEcb). Keys are expanded once,
  * at construction. Everything here is synchronous (a 1 MiB request is well under a millisecond
  * with AES-NI), so no buffer is shared with another thread.
  *
@@ -69,6 +70,8 @@ export interface SectorCipherSpec {
   readonly ivHash?: HashAlg;
   /** The whole key: twice the algorithm's key for XTS. */
   readonly key: Uint8Array;
+  /** XTS through OpenSSL's own XTS, sector by sector (for tests; AES-128/256 only). */
+  readonly evpXts?: boolean;
 }
 
 /** A failure setting up a cipher; the message is qemu's where qemu has one. */
@@ -128,17 +131,22 @@ class EvpContext {
   }
 }
 
+/** Sectors processed per batch (1 MiB): bounds the scratch buffers. */
+const BATCH_SECTORS = 2048;
+
 /**
- * XTS (IEEE 1619) built on two ECB contexts, for AES-192, which OpenSSL has no XTS for: the
- * tweak is the IV encrypted with the second key, multiplied by x in GF(2^128) from block to
- * block; each block is XORed with its tweak before and after the first key's cipher. One
- * sector's tweaks go into a 512-byte mask so the cipher runs once per sector.
+ * XTS (IEEE 1619) on two ECB contexts: the tweak of a sector is its IV encrypted with the
+ * second key, multiplied by x in GF(2^128) from block to block; each block is XORed with its
+ * tweak before and after the first key's cipher. All tweaks of a batch are encrypted in one
+ * call, expanded into a mask with 32-bit word operations and applied around one ECB call over
+ * the whole batch: measured about twice as fast as OpenSSL's own XTS driven sector by sector
+ * through FFI (two calls per sector), and the only XTS for AES-192, which OpenSSL lacks.
  */
 class XtsOverEcb {
   readonly #data: EvpContext;
   readonly #tweak: EvpContext;
-  readonly #mask = new Uint8Array(CRYPT_SECTOR);
-  readonly #t = new Uint8Array(16);
+  #mask = new Uint32Array(0);
+  #scratch = new Uint8Array(0);
 
   constructor(alg: CipherAlg, key: Uint8Array, encrypt: boolean) {
     const half = key.length / 2;
@@ -151,26 +159,44 @@ class XtsOverEcb {
     }
   }
 
-  /** One sector in place, with tweak IV `iv`. */
-  sector(buf: Uint8Array<ArrayBuffer>, iv: Uint8Array): void {
-    const t = this.#t;
-    t.set(iv);
-    this.#tweak.run(t);
+  /**
+   * Whole sectors of `buf` (at most {@link BATCH_SECTORS}) in place; `ivs` holds their IVs
+   * (16 bytes each) and is overwritten with the tweaks.
+   */
+  run(buf: Uint8Array<ArrayBuffer>, ivs: Uint8Array<ArrayBuffer>): void {
+    const n = buf.length / CRYPT_SECTOR;
+    this.#tweak.run(ivs);
+    const words = buf.length >> 2;
+    if (this.#mask.length < words) this.#mask = new Uint32Array(words);
     const mask = this.#mask;
-    for (let at = 0; at < CRYPT_SECTOR; at += 16) {
-      mask.set(t, at);
-      // t *= x: a left shift of the little-endian 128-bit value, reduced by x^128 + x^7 + x^2 + x + 1.
-      let carry = 0;
-      for (let i = 0; i < 16; i++) {
-        const b = t[i]!;
-        t[i] = ((b << 1) | carry) & 0xff;
-        carry = b >>> 7;
+    const tw = new Uint32Array(ivs.buffer, ivs.byteOffset, n * 4);
+    // Little-endian words (x86, arm64): the tweak is a little-endian 128-bit number.
+    for (let s = 0, m = 0; s < n; s++) {
+      let w0 = tw[s * 4]!, w1 = tw[s * 4 + 1]!, w2 = tw[s * 4 + 2]!, w3 = tw[s * 4 + 3]!;
+      for (let b = 0; b < CRYPT_SECTOR / 16; b++, m += 4) {
+        mask[m] = w0;
+        mask[m + 1] = w1;
+        mask[m + 2] = w2;
+        mask[m + 3] = w3;
+        const carry = w3 >>> 31;
+        w3 = ((w3 << 1) | (w2 >>> 31)) >>> 0;
+        w2 = ((w2 << 1) | (w1 >>> 31)) >>> 0;
+        w1 = ((w1 << 1) | (w0 >>> 31)) >>> 0;
+        w0 = ((w0 << 1) ^ (carry * 0x87)) >>> 0;
       }
-      if (carry !== 0) t[0]! ^= 0x87;
     }
-    for (let i = 0; i < CRYPT_SECTOR; i++) buf[i]! ^= mask[i]!;
-    this.#data.run(buf);
-    for (let i = 0; i < CRYPT_SECTOR; i++) buf[i]! ^= mask[i]!;
+    // Word access needs a 4-byte aligned view: otherwise work on an aligned copy.
+    let work = buf;
+    if (buf.byteOffset % 4 !== 0) {
+      if (this.#scratch.length < buf.length) this.#scratch = new Uint8Array(buf.length);
+      work = this.#scratch.subarray(0, buf.length);
+      work.set(buf);
+    }
+    const w = new Uint32Array(work.buffer, work.byteOffset, words);
+    for (let i = 0; i < words; i++) w[i]! ^= mask[i]!;
+    this.#data.run(work);
+    for (let i = 0; i < words; i++) w[i]! ^= mask[i]!;
+    if (work !== buf) buf.set(work);
   }
 
   free(): void {
@@ -204,8 +230,9 @@ export class SectorCipher {
   readonly #dec: EvpContext | XtsOverEcb;
   /** ECB cipher of ESSIV (encrypts the sector number into the IV), when ivgen is essiv. */
   readonly #essiv: EvpContext | undefined;
-  readonly #iv = new Uint8Array(16);
-  readonly #ivWords = new DataView(this.#iv.buffer);
+  /** IVs of one batch, 16 bytes per sector. */
+  readonly #ivs = new Uint8Array(BATCH_SECTORS * 16);
+  readonly #ivView = new DataView(this.#ivs.buffer);
   readonly #hasIv: boolean;
 
   constructor(spec: SectorCipherSpec) {
@@ -227,7 +254,7 @@ export class SectorCipher {
     }
     this.#essiv = essiv;
     const make = (encrypt: boolean) =>
-      spec.alg === "aes-192" && spec.mode === "xts"
+      spec.mode === "xts" && !spec.evpXts
         ? new XtsOverEcb(spec.alg, spec.key, encrypt)
         : new EvpContext(name, spec.key, encrypt);
     try {
@@ -245,18 +272,19 @@ export class SectorCipher {
     }
   }
 
-  /** Sets the IV of sector `sector` (a safe integer) into #iv. */
-  #makeIv(sector: number): void {
-    const iv = this.#iv;
-    iv.fill(0);
-    const v = this.#ivWords;
-    if (this.spec.ivgen === "plain") {
-      v.setUint32(0, sector >>> 0, true);
-      return;
+  /** The IVs of `n` sectors from `sector` (a safe integer) into #ivs. */
+  #makeIvs(sector: number, n: number): Uint8Array<ArrayBuffer> {
+    const ivs = this.#ivs.subarray(0, n * 16);
+    ivs.fill(0);
+    const v = this.#ivView;
+    const wide = this.spec.ivgen !== "plain";
+    for (let i = 0; i < n; i++) {
+      const s = sector + i;
+      v.setUint32(i * 16, s >>> 0, true);
+      if (wide) v.setUint32(i * 16 + 4, Math.floor(s / 0x100000000) >>> 0, true);
     }
-    v.setUint32(0, sector >>> 0, true);
-    v.setUint32(4, Math.floor(sector / 0x100000000) >>> 0, true);
-    if (this.#essiv !== undefined) this.#essiv.run(iv);
+    if (this.#essiv !== undefined) this.#essiv.run(ivs);
+    return ivs;
   }
 
   #apply(ctx: EvpContext | XtsOverEcb, buf: Uint8Array, sector: number): void {
@@ -264,21 +292,23 @@ export class SectorCipher {
       throw new CipherError(`Length ${buf.length} is not a multiple of ${CRYPT_SECTOR}`);
     }
     const b = buf as Uint8Array<ArrayBuffer>;
-    if (ctx instanceof XtsOverEcb) {
-      for (let at = 0; at < b.length; at += CRYPT_SECTOR) {
-        this.#makeIv(sector + at / CRYPT_SECTOR);
-        ctx.sector(b.subarray(at, at + CRYPT_SECTOR), this.#iv);
-      }
-      return;
-    }
     if (!this.#hasIv) {
-      if (b.length > 0) ctx.run(b);
+      if (b.length > 0) (ctx as EvpContext).run(b); // ECB: no XTS here
       return;
     }
-    for (let at = 0; at < b.length; at += CRYPT_SECTOR) {
-      this.#makeIv(sector + at / CRYPT_SECTOR);
-      ctx.setIv(this.#iv);
-      ctx.run(b.subarray(at, at + CRYPT_SECTOR));
+    const batch = BATCH_SECTORS * CRYPT_SECTOR;
+    for (let at = 0; at < b.length; at += batch) {
+      const part = b.subarray(at, Math.min(b.length, at + batch));
+      const n = part.length / CRYPT_SECTOR;
+      const ivs = this.#makeIvs(sector + at / CRYPT_SECTOR, n);
+      if (ctx instanceof XtsOverEcb) {
+        ctx.run(part, ivs);
+        continue;
+      }
+      for (let i = 0; i < n; i++) {
+        ctx.setIv(ivs.subarray(i * 16, i * 16 + 16));
+        ctx.run(part.subarray(i * CRYPT_SECTOR, (i + 1) * CRYPT_SECTOR));
+      }
     }
   }
 
