@@ -21,6 +21,7 @@ import { qedFormat } from "./qed/mod.ts";
 import { vdiFormat } from "./vdi/mod.ts";
 import { vmdkFormat } from "./vmdk/mod.ts";
 import { vhdxFormat } from "./vhdx/mod.ts";
+import { luksFormat } from "./luks/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -91,6 +92,7 @@ const DRIVERS: readonly FormatDriver[] = [
   vmdkFormat,
   vhdxFormat,
   qedFormat,
+  luksFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));

@@ -528,6 +528,8 @@ async function openFormat(
       backing: own["backing"] === JSON_NULL ? null : undefined,
       writable: ctx.writable,
       passDiscard: ctx.passDiscard,
+      encrypt: { keySecret: own["encrypt.key-secret"], format: own["encrypt.format"] },
+      objects: ctx.objects,
     });
     return { device, format, probed: false };
   }

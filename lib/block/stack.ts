@@ -184,6 +184,8 @@ async function openImage(
       backing: backingOverride(image.raw, warn),
       writable,
       passDiscard: options.discard === "unmap",
+      encrypt: { keySecret: image.raw["encrypt.key-secret"], format: image.raw["encrypt.format"] },
+      objects,
     });
     dev = withPrefetchCopy(dev);
     if (image.offset !== 0 || image.size !== undefined) {

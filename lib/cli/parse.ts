@@ -728,6 +728,9 @@ const IMAGE_KEYS_DONE: ReadonlySet<string> = new Set([
   "backing.driver",
   "backing.file.driver",
   "backing.file.filename",
+  // qcow2 encryption (LUKS): the secret that unlocks it, and the expected format.
+  "encrypt.key-secret",
+  "encrypt.format",
 ]);
 
 /**

@@ -68,6 +68,13 @@ export interface BitmapsExtension {
   readonly directoryOffset: number;
 }
 
+/** The full disk encryption header extension as found. */
+export interface CryptoHeaderExtension {
+  readonly extLength: number;
+  readonly offset: number;
+  readonly length: number;
+}
+
 /** Everything the read path needs from cluster 0. */
 export interface Qcow2Header {
   readonly version: 2 | 3;
@@ -95,6 +102,11 @@ export interface Qcow2Header {
   readonly dataFileRaw: boolean;
   readonly featureNames: readonly FeatureName[];
   readonly bitmaps: BitmapsExtension | undefined;
+  /**
+   * The full disk encryption header extension (LUKS header location), unchecked: `extLength`
+   * is the extension's length field (16 when well-formed); openQcow2 checks it in qemu's order.
+   */
+  readonly cryptoHeader: CryptoHeaderExtension | undefined;
   /** L1 entries needed to map the virtual size (qemu's l1_vm_state_index). */
   readonly l1NeededEntries: number;
 }
@@ -274,6 +286,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     dataFileRaw: dataFileBit && dataFileRaw,
     featureNames: ext.featureNames,
     bitmaps: ext.bitmaps,
+    cryptoHeader: ext.cryptoHeader,
     l1NeededEntries,
   };
 }
@@ -298,6 +311,7 @@ interface Extensions {
   dataFile: string | undefined;
   featureNames: FeatureName[];
   bitmaps: BitmapsExtension | undefined;
+  cryptoHeader: CryptoHeaderExtension | undefined;
 }
 
 /** Walk the extension list from `start` up to `end` (the backing name or the cluster end). */
@@ -307,6 +321,7 @@ function parseExtensions(v: DataView, start: number, end: number, clusterSize: n
     dataFile: undefined,
     featureNames: [],
     bitmaps: undefined,
+    cryptoHeader: undefined,
   };
   const bytes = new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
   const limit = Math.min(end, v.byteLength, clusterSize);
@@ -351,7 +366,15 @@ function parseExtensions(v: DataView, start: number, end: number, clusterSize: n
       case EXT_DATA_FILE:
         out.dataFile = decoder.decode(data);
         break;
-      case EXT_CRYPTO:
+      case EXT_CRYPTO: {
+        const d = new DataView(data.buffer, data.byteOffset, data.byteLength);
+        out.cryptoHeader = {
+          extLength: len,
+          offset: len >= 8 ? u64(d, 0) : 0,
+          length: len >= 16 ? u64(d, 8) : 0,
+        };
+        break;
+      }
       default:
         break; // unknown extensions are ignored when reading
     }

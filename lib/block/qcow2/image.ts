@@ -38,6 +38,7 @@ import type { RefcountStore } from "./refcount_store.ts";
 import { IoEpochs } from "./sync.ts";
 import { Qcow2Writer } from "./writer.ts";
 import { markBitmapsInUse, storeBitmaps } from "./bitmap.ts";
+import { CRYPT_SECTOR, type SectorCipher } from "../../crypto/cipher.ts";
 
 /** Everything the device needs, prepared by `openQcow2`. */
 export interface Qcow2DeviceInit {
@@ -53,6 +54,12 @@ export interface Qcow2DeviceInit {
   readonly refs?: RefcountStore;
   /** Punch freed clusters out of the file (see Qcow2OpenOptions.passDiscard). */
   readonly passDiscard?: boolean;
+  /**
+   * LUKS payload cipher (encrypt.format=luks): data clusters are encrypted per 512-byte sector
+   * with the sector number of the host offset (qemu's crypt_physical_offset). Owned by the
+   * device.
+   */
+  readonly crypto?: SectorCipher;
 }
 
 /** One lookup result; each request reuses its own. */
@@ -131,6 +138,9 @@ export class Qcow2Device implements BlockDevice {
   readonly #writer: Qcow2Writer | undefined;
   /** Data I/O in flight, so freed clusters are reused only after it ends (writable only). */
   readonly #epochs: IoEpochs | undefined;
+  readonly #crypto: SectorCipher | undefined;
+  /** Serialises read-modify-write of partial sectors in an encrypted image. */
+  #rmwTail: Promise<void> = Promise.resolve();
 
   constructor(init: Qcow2DeviceInit) {
     const h = init.header;
@@ -152,6 +162,7 @@ export class Qcow2Device implements BlockDevice {
     this.#hasDataFile = init.dataFile !== undefined;
     this.#compression = h.compressionType;
     this.#decompressedMax = Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / h.clusterSize));
+    this.#crypto = init.crypto;
     this.#cache = new L2Cache(
       init.l2SliceBytes,
       init.l2CacheBytes,
@@ -165,7 +176,8 @@ export class Qcow2Device implements BlockDevice {
       zero: writable,
       fastZero: writable,
       extents: true,
-      minBlock: 1,
+      // qemu aligns requests of an encrypted image to its 512-byte encryption sectors.
+      minBlock: init.crypto !== undefined ? CRYPT_SECTOR : 1,
     };
     if (init.refs !== undefined) {
       this.#epochs = new IoEpochs();
@@ -185,6 +197,9 @@ export class Qcow2Device implements BlockDevice {
         passDiscard: init.passDiscard ?? false,
         pread: (buf, off) => this.pread(buf, off),
         extents: (off, len, out) => this.extents(off, len, out),
+        encrypt: init.crypto === undefined
+          ? undefined
+          : (data, host) => this.#encrypted(data, host),
       });
     }
   }
@@ -361,6 +376,15 @@ export class Qcow2Device implements BlockDevice {
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.#crypto !== undefined && !this.#aligned(offset, buf.length)) {
+      // Whole encryption sectors only: read them into a bounce buffer.
+      const a = offset - (offset % CRYPT_SECTOR);
+      const b = Math.ceil((offset + buf.length) / CRYPT_SECTOR) * CRYPT_SECTOR;
+      const tmp = new Uint8Array(b - a);
+      await this.pread(tmp, a);
+      buf.set(tmp.subarray(offset - a, offset - a + buf.length));
+      return;
+    }
     const epochs = this.#epochs;
     if (epochs === undefined) return this.#pread(buf, offset);
     const e = epochs.begin();
@@ -423,6 +447,54 @@ export class Qcow2Device implements BlockDevice {
   }
 
   #readData(buf: Uint8Array, host: number): Promise<void> {
+    const crypto = this.#crypto;
+    if (crypto !== undefined) {
+      return this.#readPlain(buf, host).then(() => crypto.decrypt(buf, host / CRYPT_SECTOR));
+    }
+    return this.#readPlain(buf, host);
+  }
+
+  /** Both ends on encryption sector boundaries. */
+  #aligned(offset: number, length: number): boolean {
+    return offset % CRYPT_SECTOR === 0 && length % CRYPT_SECTOR === 0;
+  }
+
+  /** An encrypted copy of `data` (whole sectors) for host offset `host`. */
+  #encrypted(data: Uint8Array, host: number): Uint8Array {
+    const out = new Uint8Array(data);
+    this.#crypto!.encrypt(out, host / CRYPT_SECTOR);
+    return out;
+  }
+
+  /** Runs `fn` after every read-modify-write queued before it. */
+  async #rmw(fn: () => Promise<void>): Promise<void> {
+    const prev = this.#rmwTail;
+    let release!: () => void;
+    this.#rmwTail = new Promise((r) => release = r);
+    await prev;
+    try {
+      await fn();
+    } finally {
+      release();
+    }
+  }
+
+  /** A write of `buf` at an offset or length off the encryption sectors: whole sectors. */
+  async #pwriteUnaligned(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void> {
+    const a = offset - (offset % CRYPT_SECTOR);
+    const b = Math.ceil((offset + buf.length) / CRYPT_SECTOR) * CRYPT_SECTOR;
+    await this.#rmw(async () => {
+      const tmp = new Uint8Array(b - a);
+      await this.pread(tmp.subarray(0, CRYPT_SECTOR), a);
+      if (b - CRYPT_SECTOR > a) {
+        await this.pread(tmp.subarray(tmp.length - CRYPT_SECTOR), b - CRYPT_SECTOR);
+      }
+      tmp.set(buf, offset - a);
+      await this.pwrite(tmp, a, flags);
+    });
+  }
+
+  #readPlain(buf: Uint8Array, host: number): Promise<void> {
     const df = this.#dataFile;
     if (df === undefined) return readZeroPadded(this.#file, buf, host);
     const n = Math.max(0, Math.min(buf.length, df.size - host));
@@ -485,8 +557,12 @@ export class Qcow2Device implements BlockDevice {
       const before = out.total;
       switch (r.kind) {
         case Kind.Data:
-          if (await this.#metadataPreallocated()) await this.#dataExtents(r.host, n, out);
-          else out.add(n, 0);
+          // qemu does not look into the file under an encrypted image (no offset to recurse).
+          if (this.#crypto === undefined && await this.#metadataPreallocated()) {
+            await this.#dataExtents(r.host, n, out);
+          } else {
+            out.add(n, 0);
+          }
           break;
         case Kind.Compressed:
           out.add(n, 0);
@@ -645,10 +721,13 @@ export class Qcow2Device implements BlockDevice {
     return this.#writer?.flush() ?? Promise.resolve();
   }
 
-  async pwrite(buf: Uint8Array, offset: number, _flags: WriteFlags): Promise<void> {
+  async pwrite(buf: Uint8Array, offset: number, flags: WriteFlags): Promise<void> {
     this.#checkOpen();
     const writer = this.#writer;
     if (writer === undefined) throw new BlockError(Errno.EPERM, "qcow2 image is read-only");
+    if (this.#crypto !== undefined && !this.#aligned(offset, buf.length)) {
+      return await this.#pwriteUnaligned(buf, offset, flags);
+    }
     try {
       if (!(await this.#writeInPlace(buf, offset))) await writer.write(buf, offset);
     } finally {
@@ -684,6 +763,10 @@ export class Qcow2Device implements BlockDevice {
         Errno.ENOTSUP,
         "qcow2: compressed writes need an image without data file",
       );
+    }
+    if (this.#crypto !== undefined) {
+      // qemu-img refuses compression with encryption; qemu's driver would store plaintext.
+      throw new BlockError(Errno.ENOTSUP, "qcow2: compressed writes into an encrypted image");
     }
     const cs = this.#cs, end = offset + buf.length;
     if (buf.length === 0) return;
@@ -752,7 +835,10 @@ export class Qcow2Device implements BlockDevice {
       const writes: Promise<void>[] = [];
       for (let i = 0; i < runs.length; i += 3) {
         const at = runs[i]!;
-        writes.push(this.#file.pwrite(buf.subarray(at, at + runs[i + 1]!), runs[i + 2]!));
+        const host = runs[i + 2]!;
+        let part = buf.subarray(at, at + runs[i + 1]!);
+        if (this.#crypto !== undefined) part = this.#encrypted(part, host);
+        writes.push(this.#file.pwrite(part, host));
       }
       await Promise.all(writes);
     } finally {
@@ -776,8 +862,31 @@ export class Qcow2Device implements BlockDevice {
     if (writer === undefined) {
       return Promise.reject(new BlockError(Errno.EPERM, "qcow2 image is read-only"));
     }
+    if (this.#crypto !== undefined && !this.#aligned(offset, length)) {
+      return this.#zeroUnaligned(offset, length, flags);
+    }
     return writer.zero(offset, length, flags.noHole === true, flags.fastZero === true)
       .finally(() => this.bitmaps?.mark(offset, length));
+  }
+
+  /**
+   * Zeroing off the encryption sectors (qemu's block layer aligns it): the partial sectors at
+   * the ends get zero bytes (read-modify-write), the whole sectors between the writer's zeroing.
+   */
+  async #zeroUnaligned(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    if (flags.fastZero) {
+      throw new BlockError(Errno.ENOTSUP, "qcow2: zeroing a partial encryption sector");
+    }
+    const end = offset + length;
+    const a = Math.ceil(offset / CRYPT_SECTOR) * CRYPT_SECTOR;
+    const b = Math.max(a, end - (end % CRYPT_SECTOR));
+    if (a >= end || b <= offset) {
+      await this.pwrite(new Uint8Array(length), offset, flags);
+      return;
+    }
+    if (offset < a) await this.pwrite(new Uint8Array(a - offset), offset, flags);
+    if (b > a) await this.zero(a, b - a, flags);
+    if (end > b) await this.pwrite(new Uint8Array(end - b), b, flags);
   }
 
   /** Read-write open with persistent bitmaps: flag them in use on disk, as qemu does. */
@@ -805,6 +914,7 @@ export class Qcow2Device implements BlockDevice {
     this.#cache.clear();
     this.#decompressed.clear();
     this.#inflate.close();
+    this.#crypto?.close();
     try {
       await this.#backing?.close();
       await this.#dataFile?.close();

@@ -15,6 +15,10 @@ import { hasProtocol } from "../../cli/filename.ts";
 import type { FileEngine } from "../../io/file_engine.ts";
 import type { ImageFormat } from "../../cli/options.ts";
 import { supportedFormats } from "../formats.ts";
+import type { SectorCipher } from "../../crypto/cipher.ts";
+import type { ObjectLookup } from "../../objects/types.ts";
+import { luksPassword } from "../luks/mod.ts";
+import { unlockLuks } from "../luks/unlock.ts";
 import { type BlockDevice, BlockError, Errno } from "../types.ts";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -97,6 +101,92 @@ export interface Qcow2OpenOptions {
   backingDevice?: BlockDevice;
   /** Warnings qemu prints at open (bitmaps invalidated by another program). */
   warn?: (message: string) => void;
+  /**
+   * The `encrypt.*` options (--image-opts, json:): `key-secret` names the --object secret that
+   * unlocks a LUKS-encrypted image, `format` (aes or luks) must match the header's method.
+   */
+  encrypt?: { readonly keySecret?: string; readonly format?: string };
+  /** --object secrets, for `encrypt.key-secret`. */
+  objects?: ObjectLookup;
+}
+
+/** qcow2 crypt_method values. */
+const CRYPT_AES = 1;
+const CRYPT_LUKS = 2;
+
+/**
+ * The encryption of an image as qemu 7.2's qcow2_open sets it up: `encrypt.format` checked
+ * against the header's method, then (LUKS) the full disk encryption header extension checked
+ * and the LUKS header inside it unlocked with `encrypt.key-secret`. Legacy AES-CBC (method 1)
+ * is refused. Returns the payload cipher, or undefined for an unencrypted image.
+ */
+async function openEncryption(
+  file: FileEngine,
+  h: Qcow2Header,
+  options: Qcow2OpenOptions,
+): Promise<SectorCipher | undefined> {
+  const fmt = options.encrypt?.format;
+  if (h.cryptMethod === 0) {
+    if (fmt !== undefined) {
+      throw new BlockError(
+        Errno.EINVAL,
+        `No encryption in image header, but options specified format '${fmt}'`,
+      );
+    }
+    if (h.cryptoHeader !== undefined) {
+      throw new BlockError(
+        Errno.EINVAL,
+        "CRYPTO header extension only expected with LUKS encryption method",
+      );
+    }
+    return undefined;
+  }
+  const name = h.cryptMethod === CRYPT_AES ? "aes" : "luks";
+  if (fmt !== undefined && fmt !== name) {
+    throw new BlockError(
+      Errno.EINVAL,
+      `Header reported '${name}' encryption format but options specify '${fmt}'`,
+    );
+  }
+  if (h.cryptMethod !== CRYPT_LUKS) {
+    if (h.cryptoHeader !== undefined) {
+      throw new BlockError(
+        Errno.EINVAL,
+        "CRYPTO header extension only expected with LUKS encryption method",
+      );
+    }
+    throw new BlockError(
+      Errno.ENOTSUP,
+      `'${file.path}' is encrypted with legacy AES-CBC (encrypt.format=aes), which denbd does not support; convert it to LUKS encryption with qemu-img convert`,
+    );
+  }
+  const ext = h.cryptoHeader;
+  if (ext === undefined) {
+    throw new BlockError(Errno.EINVAL, `Missing CRYPTO header for crypt method ${CRYPT_LUKS}`);
+  }
+  if (ext.extLength !== 16) {
+    throw new BlockError(
+      Errno.EINVAL,
+      `CRYPTO header extension size ${ext.extLength}, but expected size 16`,
+    );
+  }
+  if (ext.offset % h.clusterSize !== 0) {
+    throw new BlockError(
+      Errno.EINVAL,
+      `Encryption header offset '${ext.offset}' is not a multiple of cluster size '${h.clusterSize}'`,
+    );
+  }
+  const own: Record<string, string> = {};
+  if (options.encrypt?.keySecret !== undefined) own["key-secret"] = options.encrypt.keySecret;
+  const password = luksPassword(own, { objects: options.objects }, "key-secret", "encrypt.");
+  const volume = await unlockLuks(async (buf, off) => {
+    // qemu reads the LUKS header only inside the extension's region.
+    if (off + buf.length > ext.length) {
+      throw new BlockError(Errno.EINVAL, "Request for data outside of extension header");
+    }
+    await readZeroPadded(file, buf, ext.offset + off);
+  }, password);
+  return volume.cipher;
 }
 
 /** Autoclear bit 0: the bitmaps extension is valid. */
@@ -140,6 +230,7 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
   const chain = options.chain?.paths ?? [];
   const self = realPath(file.path);
   const opened: BlockDevice[] = [];
+  let crypto: SectorCipher | undefined;
   opening++;
   try {
     if (chain.includes(self)) {
@@ -157,13 +248,7 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       );
     }
     const header = await readHeader(file);
-    if (header.cryptMethod !== 0) {
-      const how = header.cryptMethod === 1 ? "legacy AES-CBC" : "LUKS";
-      throw new BlockError(
-        Errno.ENOTSUP,
-        `'${file.path}' is encrypted (${how}); encrypted qcow2 images are not supported`,
-      );
-    }
+    crypto = await openEncryption(file, header, options);
     const snapshots = header.nbSnapshots > 0 ? await readSnapshots(file, header) : [];
     const l1 = await readL1(file, header, snapshots, options.snapshot);
 
@@ -204,7 +289,9 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
       l2CacheBytes: cacheBytes,
       l2SliceBytes: sliceBytes,
       passDiscard: options.passDiscard ?? false,
+      crypto,
     });
+    crypto = undefined; // the device owns it now
     device.bitmaps = bitmaps;
     // On failure the catch below closes the file and backing files (nothing else is started).
     if (refs !== undefined && (header.incompatible & BigInt(INCOMPAT_DIRTY)) !== 0n) {
@@ -218,6 +305,7 @@ export async function openQcow2(file: FileEngine, options: Qcow2OpenOptions): Pr
     return device;
   } catch (e) {
     for (const d of opened) await d.close().catch(() => {});
+    crypto?.close();
     file.close();
     throw e;
   } finally {

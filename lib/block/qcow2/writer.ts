@@ -52,6 +52,12 @@ export interface WriterHost {
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** base:allocation of the image (to see whether a range reads as zeroes). */
   extents(offset: number, length: number, out: ExtentList): Promise<void>;
+  /**
+   * An encrypted image: the bytes to store for guest data `data` at host offset `host` (a
+   * copy; whole 512-byte sectors). Zero fills are then written as encrypted zeroes, never
+   * left to fallocate (zeroed host bytes would decrypt to noise).
+   */
+  readonly encrypt?: (data: Uint8Array, host: number) => Uint8Array;
 }
 
 /** An L2 entry: hi/lo words, and for extended L2 the zero and alloc bitmap words. */
@@ -354,7 +360,7 @@ export class Qcow2Writer {
       // page-cache write, cheaper here than a fallocate that may wait on the journal); large
       // ones are zeroed with fallocate like qemu's handle_alloc_space, then the data written.
       const spanBytes = p.spanTo - p.spanFrom;
-      if (p.zeroFill && spanBytes <= ZERO_FILL_BY_WRITE_MAX) {
+      if (p.zeroFill && (spanBytes <= ZERO_FILL_BY_WRITE_MAX || this.#h.encrypt !== undefined)) {
         const span = new Uint8Array(spanBytes);
         span.set(data, p.from - p.spanFrom);
         segs.push({ host: p.host + p.spanFrom, data: span });
@@ -400,6 +406,8 @@ export class Qcow2Writer {
       }
       merged.push({ host: s.host, data: s.data });
     }
+    const encrypt = this.#h.encrypt;
+    if (encrypt !== undefined) { for (const s of merged) s.data = encrypt(s.data, s.host); }
     await Promise.all(merged.map((s) => this.#io(() => this.#h.file.pwrite(s.data, s.host))));
   }
 
