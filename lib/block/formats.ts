@@ -18,6 +18,9 @@ import type { BackingChain } from "./qcow2/mod.ts";
 import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
 import { vdiFormat } from "./vdi/mod.ts";
+import { bochsFormat } from "./bochs/mod.ts";
+import { cloopFormat } from "./cloop/mod.ts";
+import { dmgFormat } from "./dmg/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -75,6 +78,9 @@ export interface FormatDriver {
 /** Registered drivers, in the order qemu registers them (ties in probing go to the first). */
 const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
+  cloopFormat,
+  bochsFormat,
+  dmgFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
