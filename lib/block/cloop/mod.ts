@@ -76,9 +76,13 @@ export function decodeCloopHeader(b: Uint8Array): { blockSize: number; blocks: n
   if (blocks > CLOOP_MAX_BLOCKS) {
     throw einval(`n_blocks ${blocks} must be ${CLOOP_MAX_BLOCKS} or less`);
   }
-  if ((blocks + 1) * 8 > CLOOP_MAX_OFFSETS_BYTES) {
+  // qemu computes the table size in 32 bits: the largest count wraps it to 0, and its
+  // allocation of 0 bytes then fails.
+  const tableBytes = ((blocks + 1) * 8) >>> 0;
+  if (tableBytes > CLOOP_MAX_OFFSETS_BYTES) {
     throw einval("image requires too many offsets, try increasing block size");
   }
+  if (tableBytes === 0) throw new BlockError(Errno.ENOMEM, "Could not allocate offsets table");
   return { blockSize, blocks };
 }
 

@@ -44,7 +44,6 @@ export const DMG_RSRC_MAX = 64 * 1024 * 1024;
 /** denbd's cap on the chunk count (a 64 MiB plist of entries holds ~1.6 M). */
 export const DMG_CHUNKS_MAX = 4 * 1024 * 1024;
 
-const KOLY = 0x6b6f6c79; // "koly"
 const MISH = 0x6d697368; // "mish"
 const MISH_MIN = 244;
 const MISH_ENTRIES = 204;
