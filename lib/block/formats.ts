@@ -22,6 +22,9 @@ import { vdiFormat } from "./vdi/mod.ts";
 import { vmdkFormat } from "./vmdk/mod.ts";
 import { vhdxFormat } from "./vhdx/mod.ts";
 import { luksFormat } from "./luks/mod.ts";
+import { bochsFormat } from "./bochs/mod.ts";
+import { cloopFormat } from "./cloop/mod.ts";
+import { dmgFormat } from "./dmg/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -93,6 +96,9 @@ const DRIVERS: readonly FormatDriver[] = [
   vhdxFormat,
   qedFormat,
   luksFormat,
+  cloopFormat,
+  bochsFormat,
+  dmgFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
