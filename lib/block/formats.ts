@@ -18,6 +18,7 @@ import type { BackingChain } from "./qcow2/mod.ts";
 import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
 import { vdiFormat } from "./vdi/mod.ts";
+import { parallelsFormat } from "./parallels/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -75,6 +76,7 @@ export interface FormatDriver {
 /** Registered drivers, in the order qemu registers them (ties in probing go to the first). */
 const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
+  parallelsFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
