@@ -19,6 +19,7 @@ import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
 import { vdiFormat } from "./vdi/mod.ts";
 import { parallelsFormat } from "./parallels/mod.ts";
+import { qcowFormat } from "./qcow/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -77,6 +78,7 @@ export interface FormatDriver {
 const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
   parallelsFormat,
+  qcowFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
