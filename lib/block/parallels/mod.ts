@@ -25,6 +25,7 @@
 
 import type { FileEngine } from "../../io/file_engine.ts";
 import { parseSize } from "../../cli/numbers.ts";
+import { PROGRAM } from "../../cli/errors.ts";
 import type { FormatDriver } from "../formats.ts";
 import {
   type BlockDevice,
@@ -81,7 +82,9 @@ function preallocOptions(o: Readonly<Record<string, string>>, tracks: number) {
     if (typeof v !== "bigint") {
       throw new BlockError(
         Errno.EINVAL,
-        "Parameter 'prealloc-size' expects a non-negative number below 2^64",
+        "Parameter 'prealloc-size' expects a non-negative number below 2^64\n" +
+          "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+          "and exabytes, respectively.",
       );
     }
     bytes = Number(v > BigInt(Number.MAX_SAFE_INTEGER) ? BigInt(Number.MAX_SAFE_INTEGER) : v);
@@ -150,7 +153,7 @@ export async function openParallels(
     const prealloc = preallocOptions(options.options ?? {}, h.tracks);
     if (h.extOff !== 0) {
       if (options.writable) {
-        options.warn?.("Format Extension ignored in RW mode");
+        options.warn?.(`${PROGRAM}: warning: Format Extension ignored in RW mode`);
       } else {
         if (clusterBytes > MAX_EXT_CLUSTER) {
           throw new BlockError(
@@ -396,6 +399,20 @@ export class ParallelsDevice implements BlockDevice {
       const idx = Math.floor(pos / cs);
       const n = Math.min(end - pos, (idx + 1) * cs - pos);
       out.add(n, this.#host(idx) < 0 ? STATE_HOLE | STATE_ZERO : 0);
+      pos += n;
+    }
+    return Promise.resolve();
+  }
+
+  /** qemu:allocation-depth: 1 where allocated, 0 elsewhere (no backing file). */
+  allocationDepth(offset: number, length: number, out: ExtentList): Promise<void> {
+    const cs = this.#cs;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end && !out.full) {
+      const idx = Math.floor(pos / cs);
+      const n = Math.min(end - pos, (idx + 1) * cs - pos);
+      out.add(n, this.#host(idx) < 0 ? 0 : 1);
       pos += n;
     }
     return Promise.resolve();

@@ -63,7 +63,8 @@ export function decodeQcowHeader(input: Uint8Array): QcowHeader {
   if (version !== QCOW_VERSION) {
     throw new BlockError(
       Errno.ENOTSUP,
-      `qcow (v${QCOW_VERSION}) does not support qcow version ${version}`,
+      `qcow (v${QCOW_VERSION}) does not support qcow version ${version}` +
+        (version === 2 || version === 3 ? "\nTry the 'qcow2' driver instead." : ""),
     );
   }
   const rawSize = v.getBigUint64(24);
