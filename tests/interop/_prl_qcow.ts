@@ -108,7 +108,7 @@ export function rng(seed: number): () => number {
 export function writeScript(size: number, cluster: number, seed: number): string[] {
   const r = rng(seed);
   const cmds = [
-    `write -P 0x91 ${cluster - 2048} 4096`,
+    `write -P 0x91 ${Math.max(0, cluster - 2048)} 4096`, // across a cluster boundary
     `write -P 0x92 ${size - 1000} 777`,
     `write -P 0x93 ${2 * cluster + 4096} 8192`,
     `write -z ${Math.floor(size / 2) + 512} 65536`,
@@ -235,6 +235,7 @@ export async function crashLoop(
   const model = new Uint8Array(slots); // the pattern byte each 4 KiB slot holds (0: zeroes)
   const r = rng(77);
   const raw = `${img}.view.raw`;
+  let interrupted = 0;
   await qimg("convert", "-f", fmt, "-O", "raw", img, raw);
   const start = await Deno.readFile(raw);
   for (let i = 0; i < slots; i++) {
@@ -279,7 +280,13 @@ export async function crashLoop(
       assert.ok(ok.has(v), `iteration ${it}: slot ${i} holds 0x${v.toString(16)}`);
       model[i] = v;
     }
+    const landed = phase2.filter(([p, slot]) => view[slot * 4096] === p).length;
+    if (Deno.env.get("DENBD_CRASH_VERBOSE")) console.log(`iteration ${it}: ${landed}/200 landed`);
+    const [lastP, lastSlot] = phase2[phase2.length - 1]!;
+    if (view[lastSlot * 4096] !== lastP) interrupted++;
   }
+  // Otherwise every kill came after the batch and the loop tested nothing of a crash.
+  assert.ok(interrupted > 0, "no kill landed before the end of its batch");
   await Deno.remove(raw);
 }
 

@@ -145,15 +145,23 @@ async function openBackingFile(
       `Backing chain of '${imagePath}' is deeper than ${MAX_CHAIN_DEPTH} images`,
     );
   }
-  if (hasProtocol(name)) return await ctx.openBacking(name, undefined, below);
-  const path = resolveBackingPath(imagePath, name);
-  if (below.paths.includes(realPath(path))) {
+  // A protocol name (nbd://, json:) is opened as it is.
+  const path = hasProtocol(name) ? name : resolveBackingPath(imagePath, name);
+  if (!hasProtocol(name) && below.paths.includes(realPath(path))) {
     throw new BlockError(
       Errno.EINVAL,
       `Backing file loop detected: '${imagePath}' has backing file '${name}', which is above it in the chain`,
     );
   }
-  return await ctx.openBacking(path, undefined as ImageFormat | undefined, below);
+  try {
+    return await ctx.openBacking(path, undefined as ImageFormat | undefined, below);
+  } catch (e) {
+    // qemu's bdrv_open_backing_file puts this before whatever the backing file's open said.
+    if (e instanceof BlockError) {
+      throw new BlockError(e.errno, `Could not open backing file: ${e.message}`);
+    }
+    throw e;
+  }
 }
 
 /** A tiny FIFO lock (allocation and table writes). */
