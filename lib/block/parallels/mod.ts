@@ -49,8 +49,8 @@ import {
 import { parseParallelsExtension } from "./extension.ts";
 
 const SECTOR = 512;
-/** Largest BAT held in memory (64 Mi clusters); qemu's limit (2 GiB) is not practical. */
-const MAX_BAT_BYTES = 256 * 1024 * 1024;
+/** Largest BAT held in memory (16 Mi clusters: 16 TiB of 1 MiB clusters); qemu's limit (2 GiB) is not practical. */
+const MAX_BAT_BYTES = 64 * 1024 * 1024;
 /** Largest cluster whose format extension denbd reads (it is checksummed as a whole). */
 const MAX_EXT_CLUSTER = 64 * 1024 * 1024;
 /** Zero bytes written per step when zeroing or growing the file without fallocate. */
@@ -424,13 +424,14 @@ export class ParallelsDevice implements BlockDevice {
     try {
       if (this.caps.writable) {
         // qemu's close: inuse cleared (synced), then the file cut at the end of the data.
+        // Errors are ignored, as qemu's close ignores them: the image then stays marked.
         await this.#alloc.run(async () => {
           setInuse(this.#table, 0);
           await this.#file.pwrite(this.#table.subarray(0, SECTOR), 0);
           await this.#file.sync();
           this.#file.truncate(this.#dataEnd * SECTOR);
           await this.#file.sync();
-        });
+        }).catch(() => {});
       }
     } finally {
       this.#file.close();

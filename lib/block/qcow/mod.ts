@@ -30,7 +30,8 @@ import type { ImageFormat } from "../../cli/options.ts";
 import { hasProtocol } from "../../cli/filename.ts";
 import type { FormatContext, FormatDriver } from "../formats.ts";
 import { COMPRESSION_ZLIB, decompressCluster } from "../qcow2/compressed.ts";
-import { type BackingChain, MAX_CHAIN_DEPTH, resolveBackingPath } from "../qcow2/mod.ts";
+// Types only from qcow2/mod.ts: importing its code would close a cycle through formats.ts.
+import type { BackingChain } from "../qcow2/mod.ts";
 import {
   type BlockDevice,
   BlockError,
@@ -66,6 +67,16 @@ export const qcowFormat: FormatDriver = {
   probe: (head) => probeQcow(head),
   open: (file, ctx) => openQcow(file, ctx),
 };
+
+/** Deepest backing chain opened (qcow2's MAX_CHAIN_DEPTH). */
+const MAX_CHAIN_DEPTH = 256;
+
+/** A relative backing name is relative to the image's directory as written (qemu's path_combine). */
+function resolveBackingPath(imagePath: string, name: string): string {
+  if (name.startsWith("/")) return name;
+  const slash = imagePath.lastIndexOf("/");
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
 
 function realPath(path: string): string {
   try {
