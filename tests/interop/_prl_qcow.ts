@@ -245,7 +245,7 @@ export async function crashLoop(
     const phase1: [number, number][] = [];
     const phase2: [number, number][] = [];
     for (let i = 0; i < 8; i++) phase1.push([1 + it * 8 + i, Math.floor(r() * half)]);
-    for (let i = 0; i < 40; i++) {
+    for (let i = 0; i < 2000; i++) {
       phase2.push([0x80 + it * 8 + i % 8, half + Math.floor(r() * (slots - half))]);
     }
     await withServer({ dir, kind: "denbd", image: img, args: ["-f", fmt, "-t"] }, async (s) => {
@@ -258,7 +258,7 @@ export async function crashLoop(
         ...phase2.flatMap(([p, slot]) => ["-c", `write -P ${p} ${slot * 4096} 4096`]),
         s.uri,
       ], { timeoutMs: 20_000 });
-      await sleep(20 + Math.floor(r() * 150));
+      await sleep(30 + Math.floor(r() * 300));
       Deno.kill(s.pid, "SIGKILL");
       await writer;
     });
@@ -281,7 +281,9 @@ export async function crashLoop(
       model[i] = v;
     }
     const landed = phase2.filter(([p, slot]) => view[slot * 4096] === p).length;
-    if (Deno.env.get("DENBD_CRASH_VERBOSE")) console.log(`iteration ${it}: ${landed}/200 landed`);
+    if (Deno.env.get("DENBD_CRASH_VERBOSE")) {
+      console.log(`iteration ${it}: ${landed} landed of ${phase2.length}`);
+    }
     const [lastP, lastSlot] = phase2[phase2.length - 1]!;
     if (view[lastSlot * 4096] !== lastP) interrupted++;
   }

@@ -371,6 +371,37 @@ Deno.test("parallels: damaged images fail to open as in qemu-nbd", async () => {
   });
 });
 
+Deno.test("parallels: a format extension is ignored read-write with qemu's warning", async () => {
+  await withTempDir(async (dir) => {
+    const base = `${dir}/base.prl`;
+    await qimg("create", "-q", "-f", "parallels", "-o", "cluster_size=4k", base, "1M");
+    const at = (await Deno.readFile(base)).length;
+    const img = `${dir}/ext.prl`;
+    await patched(base, img, [{ at: 56, u64: BigInt(at / 512) }, {
+      at,
+      bytes: extension(4096, new Uint8Array(24), true),
+    }], true);
+    await sideBySide(
+      dir,
+      img,
+      (c) => ({ args: ["-f", "parallels", "-t"], image: c }),
+      async (d, q) => {
+        await qio(d.uri, ["write -P 0x11 0 4k"], "raw");
+        await qio(q.uri, ["write -P 0x11 0 4k"], "raw");
+        assert.match(d.stderr, /^denbd: warning: Format Extension ignored in RW mode$/m);
+        assert.match(q.stderr, /^qemu-nbd: warning: Format Extension ignored in RW mode$/m);
+      },
+    );
+    // Read-only, the (valid) extension is read and the image opens on both.
+    await sideBySide(
+      dir,
+      img,
+      (c) => ({ args: ["-f", "parallels", "-t", "-r"], image: c }),
+      (d, q) => compareViews(d, q, { what: "ext.prl" }),
+    );
+  });
+});
+
 /** Like refusedLikeQemu for an --image-opts string (qemu names the whole string). */
 async function refusedOpts(
   dir: string,

@@ -263,7 +263,21 @@ export class ParallelsDevice implements BlockDevice {
     return e === 0 ? -1 : e * this.#mult * SECTOR;
   }
 
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    const cs = this.#cs;
+    const idx = Math.floor(offset / cs);
+    const inCluster = offset - idx * cs;
+    if (inCluster + buf.length <= cs) {
+      // Inside one cluster (the common case): no per-request bookkeeping.
+      const host = this.#host(idx);
+      if (host >= 0) return readZeroPadded(this.#file, buf, host + inCluster);
+      buf.fill(0);
+      return Promise.resolve();
+    }
+    return this.#preadSpanning(buf, offset);
+  }
+
+  async #preadSpanning(buf: Uint8Array, offset: number): Promise<void> {
     const cs = this.#cs;
     const reads: Promise<void>[] = [];
     for (let done = 0; done < buf.length;) {
