@@ -100,6 +100,8 @@ Deno.test("parallels: reads, flags and maps as qemu-nbd (-f, probed, --image-opt
           (d, q) => compareViews(d, q, { src, depth: true, what: name }),
         );
       });
+      // Probing (and the writable flags) on a few of them; the rest only read-only.
+      if (!["c64k.prl", "old.prl"].includes(name)) continue;
       await t.step(`${name}, probed, writable`, async () => {
         await sideBySide(dir, img, (c) => ({ args: ["-t"], image: c }), async (d, q) => {
           await compareViews(d, q, { src, what: name });

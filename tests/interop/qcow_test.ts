@@ -151,6 +151,8 @@ Deno.test("qcow: reads, flags and maps as qemu-nbd (-f qcow, probed, chains)", a
           (d, q) => compareViews(d, q, { src, depth: true, what: name }),
         );
       });
+      // Probing (and the writable flags) on a few of them; the rest only read-only.
+      if (!["conv.qcow", "z.qcow", "top.qcow"].includes(name)) continue;
       await t.step(`${name}, probed, writable`, async () => {
         await sideBySide(dir, img, (c) => ({ args: ["-t"], image: c }), async (d, q) => {
           await compareViews(d, q, { src, what: name });
