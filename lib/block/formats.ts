@@ -25,6 +25,8 @@ import { luksFormat } from "./luks/mod.ts";
 import { bochsFormat } from "./bochs/mod.ts";
 import { cloopFormat } from "./cloop/mod.ts";
 import { dmgFormat } from "./dmg/mod.ts";
+import { parallelsFormat } from "./parallels/mod.ts";
+import { qcowFormat } from "./qcow/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -99,6 +101,8 @@ const DRIVERS: readonly FormatDriver[] = [
   cloopFormat,
   bochsFormat,
   dmgFormat,
+  parallelsFormat,
+  qcowFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
