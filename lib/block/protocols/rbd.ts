@@ -100,6 +100,8 @@ const POLL_BATCH = 64;
 const DIFF_MAX_EXTENTS = 1024;
 /** The callback's return value that stops rbd_diff_iterate2 early (qemu uses the same idea). */
 const DIFF_STOP = -9000;
+/** Images with more objects than this (2 MiB of bits) get no known-objects cache. */
+const MAX_TRACKED_OBJECTS = 1 << 24;
 /** How long close waits for requests still inside librbd before it lets them go. */
 const CLOSE_GRACE_MS = 2000;
 
@@ -299,6 +301,8 @@ export class RbdDevice implements BlockDevice {
     this.#imageSize = h.size;
     this.size = Math.ceil(h.size / 512) * 512;
     this.objectSize = h.objectSize;
+    const objects = Math.ceil(this.size / h.objectSize);
+    this.#exists = objects <= MAX_TRACKED_OBJECTS ? new Uint8Array((objects + 7) >> 3) : undefined;
     this.caps = {
       writable: h.writable,
       flush: true,
@@ -359,6 +363,9 @@ export class RbdDevice implements BlockDevice {
     }
     const { promise, resolve } = Promise.withResolvers<number>();
     this.#pending.set(key, { resolve, buf });
+    // With others in flight, some may be done already: take them now (rbd_poll_io_events does
+    // not wait) rather than after the parked read's thread round trip.
+    if (this.#pending.size > 1) this.#reap();
     this.#park();
     return promise;
   }
@@ -432,6 +439,7 @@ export class RbdDevice implements BlockDevice {
       (c) => this.#rbd.rbd_aio_write(img, BigInt(offset), BigInt(buf.length), buf, c),
     );
     if (r < 0) this.#failed(CMD_WRITE, offset, buf.length, flags.fua ? REQ_FUA : 0, r);
+    if (buf.length > 0) this.#markExists(offset, offset + buf.length);
     if (flags.fua) await this.flush();
   }
 
@@ -445,10 +453,11 @@ export class RbdDevice implements BlockDevice {
     const end = Math.min(offset + length, this.#imageSize);
     if (end <= offset) return;
     const img = this.#h.image;
+    this.#forgetExists(offset, end);
     const r = await this.#submit(
       null,
       (c) => this.#rbd.rbd_aio_discard(img, BigInt(offset), BigInt(end - offset), c),
-    );
+    ).finally(() => this.#forgetExists(offset, end));
     if (r < 0) this.#failed(CMD_DISCARD, offset, length, 0, r);
   }
 
@@ -456,10 +465,11 @@ export class RbdDevice implements BlockDevice {
     await this.#growFor(offset + length);
     const zeroFlags = flags.noHole ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0;
     const img = this.#h.image;
+    this.#forgetExists(offset, offset + length);
     const r = await this.#submit(
       null,
       (c) => this.#rbd.rbd_aio_write_zeroes(img, BigInt(offset), BigInt(length), c, zeroFlags, 0),
-    );
+    ).finally(() => this.#forgetExists(offset, offset + length));
     if (r < 0) {
       const qflags = (flags.noHole ? 0 : REQ_MAY_UNMAP) | (flags.fua ? REQ_FUA : 0);
       this.#failed(CMD_WRITE_ZEROES, offset, length, qflags, r);
@@ -485,6 +495,43 @@ export class RbdDevice implements BlockDevice {
   }
 
   // --- block status ---
+
+  /**
+   * Objects known to exist: librbd's diff said so, or a write through this device completed
+   * there. Block status of a sparse read is asked for every read, and an rbd_diff_iterate2 per
+   * read halves sequential throughput; an object that exists stays so until a discard or zeroing
+   * (which clear it here), so data is reported from this set. Absence is never cached: a write
+   * by another client could fill the object, and a stale "hole" would hide its data from reads.
+   * A stale "exists" (another client discarded the object) only reports zeroes as data.
+   * One bit per object; undefined for images with more than {@link MAX_TRACKED_OBJECTS}.
+   */
+  #exists: Uint8Array | undefined;
+  /** Bumped by every discard and zeroing, so a diff that overlapped one is not recorded. */
+  #existsGen = 0;
+
+  #knownToExist(index: number): boolean {
+    const bits = this.#exists;
+    return bits !== undefined && (bits[index >> 3]! & (1 << (index & 7))) !== 0;
+  }
+
+  /** Marks the objects of `[start, end)` as existing. */
+  #markExists(start: number, end: number): void {
+    const bits = this.#exists;
+    if (bits === undefined || end <= start) return;
+    const last = Math.floor((end - 1) / this.objectSize);
+    for (let i = Math.floor(start / this.objectSize); i <= last; i++) bits[i >> 3]! |= 1 << (i & 7);
+  }
+
+  /** Forgets the objects of `[start, end)` (a discard or zeroing may remove them). */
+  #forgetExists(start: number, end: number): void {
+    this.#existsGen++;
+    const bits = this.#exists;
+    if (bits === undefined || end <= start) return;
+    const last = Math.floor((end - 1) / this.objectSize);
+    for (let i = Math.floor(start / this.objectSize); i <= last; i++) {
+      bits[i >> 3]! &= ~(1 << (i & 7));
+    }
+  }
 
   /** Whether the fast-diff map can answer block status (qemu_rbd_co_block_status's checks). */
   #diffUsable(): boolean {
@@ -518,8 +565,16 @@ export class RbdDevice implements BlockDevice {
     const imageEnd = Math.min(end, this.#imageSize);
     let pos = offset;
     while (pos < imageEnd && !out.full) {
+      // Objects known to exist are data without asking librbd (see #exists).
+      if (this.#knownToExist(Math.floor(pos / obj))) {
+        const next = Math.min((Math.floor(pos / obj) + 1) * obj, imageEnd);
+        out.add(next - pos, 0);
+        pos = next;
+        continue;
+      }
       // Whole objects from the one holding pos (librbd 1.16 needs an object-aligned start).
       const from = pos - (pos % obj);
+      const gen = this.#existsGen;
       this.#diffRuns = [];
       const r = await this.#rbd.rbd_diff_iterate2(
         this.#h.image,
@@ -538,6 +593,12 @@ export class RbdDevice implements BlockDevice {
         out.add(imageEnd - pos, 0);
         pos = imageEnd;
         break;
+      }
+      // A discard or zeroing that overlapped the diff may have removed objects it saw.
+      if (gen === this.#existsGen) {
+        for (let i = 0; i < runs.length; i += 2) {
+          this.#markExists(runs[i]!, runs[i]! + runs[i + 1]!);
+        }
       }
       let scanned = imageEnd;
       if (r === DIFF_STOP && runs.length > 0) {
