@@ -192,6 +192,18 @@ Deno.test({
             (d, q) => compareViews(d, q, "snapshot= option"),
           );
         });
+        await t.step("-A: qemu:allocation-depth as qemu-nbd", async () => {
+          await sideBySide(
+            dir,
+            ["-t", "-r", "-A", "-f", "raw", rbdName(c, "rbd/sparse")],
+            async (d, q) => {
+              assert.equal(
+                await nbdinfo("--map=qemu:allocation-depth", d.uri),
+                await nbdinfo("--map=qemu:allocation-depth", q.uri),
+              );
+            },
+          );
+        });
         await t.step("--image-opts and json: spellings", async () => {
           const forms = [
             ["--image-opts", `driver=rbd,pool=rbd,image=small,conf=${c.conf}`],
@@ -249,6 +261,8 @@ Deno.test({
             ["-f", "raw", `${rbdName(c, "rbd/sparse")}:bogus_option=1`],
             ["-f", "raw", `${rbdName(c, "rbd/sparse")}:id`],
             ["-f", "raw", "rbd:rbd"],
+            // Cluster unreachable, bounded by client_mount_timeout as the user sets it.
+            ["-f", "raw", "rbd:rbd/x:mon_host=127.0.0.1\\:1:client_mount_timeout=2:conf=/dev/null"],
             ["--image-opts", `driver=rbd,pool=rbd,conf=${c.conf}`],
             ["--image-opts", `driver=rbd,image=x,conf=${c.conf}`],
             ["--image-opts", `driver=rbd,pool=rbd,image=sparse,conf=${c.conf},foo=bar`],
@@ -438,6 +452,37 @@ Deno.test({
                 }
               });
             }
+          },
+        );
+
+        await t.step(
+          "rados_osd_op_timeout: a stopped OSD fails requests, then both serve again",
+          async () => {
+            await c.rbd("create", "rbd/tmo", "--size", "8M");
+            const name = `${rbdName(c, "rbd/tmo")}:rados_osd_op_timeout=2`;
+            await withServers([
+              { dir, kind: SERVER_KIND, args: ["-t", "-f", "raw", name] },
+              { dir, kind: "qemu-nbd", args: ["-t", "-f", "raw", name] },
+            ], async (servers) => {
+              const io = (s: Server, cmd: string) =>
+                run(["qemu-io", "-f", "raw", "-c", cmd, s.uri], { timeoutMs: 30_000 });
+              Deno.kill(c.osdPid, "SIGSTOP");
+              try {
+                for (const s of servers) {
+                  const r = await io(s, "write -P 0x66 0 64k");
+                  assert.match(r.stdout + r.stderr, /write failed/, `${s.kind} during the stop`);
+                }
+              } finally {
+                Deno.kill(c.osdPid, "SIGCONT");
+              }
+              for (const s of servers) {
+                const w = await io(s, "write -P 0x67 1M 64k");
+                assert.doesNotMatch(w.stdout + w.stderr, /failed/, `${s.kind} after the stop`);
+                const r = await io(s, "read -P 0x67 1M 64k");
+                assert.doesNotMatch(r.stdout + r.stderr, /failed|verification/);
+                assert.equal(s.exitStatus, undefined, `${s.kind} exited`);
+              }
+            });
           },
         );
 
