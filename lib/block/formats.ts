@@ -39,7 +39,7 @@ export interface FormatContext {
    * The file is a plain host file read through the page cache (not a protocol, no O_DIRECT),
    * so the driver may offer BlockDevice.fileRange/writeRange for data stored as-is in it.
    */
-  readonly zeroCopy: boolean;
+  readonly zeroCopy?: boolean;
   /**
    * The file is open with O_DIRECT (--cache=none|directsync): no zero-copy reads or writes
    * through the page cache (BlockDevice.fileRange/writeRange) over it.

@@ -40,7 +40,14 @@ import { RawDevice } from "./raw.ts";
 import { formatDriver, PROBE_BYTES, probeFormat, supportedFormats } from "./formats.ts";
 import type { ImageFormat } from "../cli/options.ts";
 import type { ObjectLookup } from "../objects/types.ts";
-import { type BlockDevice, BlockError, type Capabilities, Errno, Filter } from "./types.ts";
+import {
+  type BlockDevice,
+  BlockError,
+  type Capabilities,
+  Errno,
+  type FileRange,
+  Filter,
+} from "./types.ts";
 
 /** How every file of the export is opened (image, backing files, overlay): the engine. */
 export type EngineOptions = Pick<OpenOptions, "direct" | "aio" | "log">;
@@ -491,7 +498,27 @@ export async function openRegisteredFormat(
     await device.close();
     throw snapshotUnsupported(format);
   }
+  // Page-cache and sendfile shortcuts need a plain file without O_DIRECT, whatever the driver
+  // offers.
+  const zeroCopy = ctx.plainFile && !ctx.engine.direct;
+  if (!zeroCopy && (device.fileRange !== undefined || device.writeRange !== undefined)) {
+    return new NoZeroCopyFilter(device);
+  }
   return device;
+}
+
+/** Hides a device's fileRange/writeRange (its file is not read through the page cache). */
+class NoZeroCopyFilter extends Filter {
+  override fileRange(): FileRange | undefined {
+    return undefined;
+  }
+  override writeRange(): FileRange | undefined {
+    return undefined;
+  }
+  /** Drivers' cluster size, for the copy-on-read filter above. */
+  get clusterSize(): number | undefined {
+    return (this.next as { clusterSize?: number }).clusterSize;
+  }
 }
 
 /** qemu's warning for a probed raw image it will write (not under -r or -s). */

@@ -30,6 +30,27 @@ interface HelpSection {
   readonly entries: readonly HelpEntry[];
 }
 
+/** Column where descriptions start, as in qemu-nbd's help. */
+const TEXT_COLUMN = 28;
+/** Widest help line. */
+const HELP_WIDTH = 80;
+
+/** A description split into lines that fit beside the option column. */
+function wrapWords(text: string): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of text.split(" ")) {
+    if (line !== "" && TEXT_COLUMN + line.length + 1 + word.length > HELP_WIDTH) {
+      lines.push(line);
+      line = word;
+    } else {
+      line = line === "" ? word : `${line} ${word}`;
+    }
+  }
+  if (line !== "") lines.push(line);
+  return lines;
+}
+
 /** Options shown by --help: grow this set as features land. */
 export const HELP_SUPPORTED: ReadonlySet<string> = new Set([
   "help",
@@ -206,7 +227,7 @@ const SECTIONS: readonly HelpSection[] = [
       {
         id: "format",
         usage: "-f, --format=FORMAT",
-        text: [`image format: ${supportedFormats().join(", ")} (default: probe)`],
+        text: wrapWords(`image format: ${supportedFormats().join(", ")} (default: probe)`),
       },
       { id: "read-only", usage: "-r, --read-only", text: ["refuse writes from clients"] },
       {
@@ -277,9 +298,6 @@ const FILE_FORMS = [
   "  http://URL  https://URL (read-only: use -r)",
 ];
 
-/** Column where descriptions start, as in qemu-nbd's help. */
-const TEXT_COLUMN = 28;
-
 function formatEntry(e: HelpEntry): string[] {
   const left = `  ${e.usage}`;
   const pad = " ".repeat(TEXT_COLUMN);
@@ -295,7 +313,7 @@ export function helpText(): string {
   const lines = [
     `Usage: ${PROGRAM} [OPTIONS] FILE`,
     ...(HELP_SUPPORTED.has("list") ? [`  or:  ${PROGRAM} -L [OPTIONS]`] : []),
-    `${PROGRAM}: serve a disk image (${supportedFormats().join(", ")}) over NBD`,
+    `${PROGRAM}: serve a disk image over NBD (its formats: see -f)`,
   ];
   for (const section of SECTIONS) {
     const entries = section.entries.filter((e) => HELP_SUPPORTED.has(e.id));
