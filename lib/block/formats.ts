@@ -18,6 +18,7 @@ import type { BackingChain } from "./qcow2/mod.ts";
 import { hasQcow2Magic } from "./qcow2/header.ts";
 import type { BlockDevice } from "./types.ts";
 import { vdiFormat } from "./vdi/mod.ts";
+import { vpcFormat } from "./vpc/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -50,6 +51,11 @@ export interface FormatContext {
   readonly openFile: (path: string, writable: boolean) => FileEngine;
   /** --object secrets (luks key-secret), when the command line created any. */
   readonly objects?: ObjectLookup;
+  /**
+   * The file is a host file opened without O_DIRECT: the driver may offer zero-copy reads
+   * (BlockDevice.fileRange) of bytes stored as-is in it.
+   */
+  readonly zeroCopy?: boolean;
 }
 
 /** One image format. */
@@ -75,6 +81,7 @@ export interface FormatDriver {
 /** Registered drivers, in the order qemu registers them (ties in probing go to the first). */
 const DRIVERS: readonly FormatDriver[] = [
   vdiFormat,
+  vpcFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));

@@ -466,6 +466,7 @@ export async function openRegisteredFormat(
     openBacking: ctx.openBacking,
     openFile: (path, writable) => openFileEngine(path, { ...ctx.engine, writable }),
     objects: ctx.objects,
+    zeroCopy: !ctx.engine.direct && file.fd >= 0,
   });
   if (ctx.loadSnapshot !== undefined) {
     await device.close();
