@@ -128,16 +128,18 @@ export function decodeFooter(input: Uint8Array): VhdFooter {
  * The disk size in sectors as qemu's vpc_open finds it: Virtual PC (and qemu's own "qemu"
  * images) go by the CHS geometry, Hyper-V, disk2vhd, XenServer and qemu's force_size images
  * ("qem2") by current_size; the maximum geometry always means current_size. Throws EFBIG past
- * 2040 GiB (qemu sets no message: the opener says "Could not open").
+ * 2040 GiB with the message qemu's generic open makes (vpc_open sets none).
  */
-export function diskSectors(f: VhdFooter, calc: SizeCalc): number {
+export function diskSectors(f: VhdFooter, calc: SizeCalc, path: string): number {
   const useChs = !CURRENT_SIZE_CREATORS.includes(f.creatorApp) || calc === "chs";
   let sectors = f.chsSectors;
   if (!useChs || sectors === VHD_MAX_GEOMETRY || calc === "current_size") {
     const s = f.currentSize / BigInt(SECTOR);
     sectors = s > BigInt(VHD_MAX_SECTORS) ? VHD_MAX_SECTORS + 1 : Number(s);
   }
-  if (sectors > VHD_MAX_SECTORS) throw new BlockError(Errno.EFBIG, "File too large");
+  if (sectors > VHD_MAX_SECTORS) {
+    throw new BlockError(Errno.EFBIG, `Could not open '${path}': File too large`);
+  }
   return sectors;
 }
 

@@ -106,7 +106,7 @@ export async function openVpc(file: FileEngine, options: VpcOpenOptions): Promis
       dynamic = false;
     }
     const footer = decodeFooter(raw);
-    const size = diskSectors(footer, calc) * SECTOR;
+    const size = diskSectors(footer, calc, file.path) * SECTOR;
     if (!dynamic) return new VpcFixedDevice(file, size, fileLength - VHD_FOOTER_SIZE, options);
     return await openDynamic(file, footer, size, options);
   } catch (e) {
