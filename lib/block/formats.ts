@@ -27,6 +27,7 @@ import { cloopFormat } from "./cloop/mod.ts";
 import { dmgFormat } from "./dmg/mod.ts";
 import { parallelsFormat } from "./parallels/mod.ts";
 import { qcowFormat } from "./qcow/mod.ts";
+import { vpcFormat } from "./vpc/mod.ts";
 
 /** Bytes qemu's probe reads (BLOCK_PROBE_BUF_SIZE; past the end of the file they are zeroes). */
 export const PROBE_BYTES = 2048;
@@ -103,6 +104,7 @@ const DRIVERS: readonly FormatDriver[] = [
   dmgFormat,
   parallelsFormat,
   qcowFormat,
+  vpcFormat,
 ];
 
 const BY_NAME: ReadonlyMap<string, FormatDriver> = new Map(DRIVERS.map((d) => [d.name, d]));
