@@ -299,7 +299,7 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
   for (const id of ids) {
     assert.match(
       id,
-      /^(seq-(read|write)-nbdcopy-c[124]|(fio-rand(read|write)-4k-qd(1|32)-j[14])|libnbd-randread-4k-qd32)-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2|tls-x509|tls-psk)$/,
+      /^(seq-(read|write)-nbdcopy-c[124]|(fio-rand(read|write)-4k-qd(1|32)-j[14])|libnbd-randread-4k-qd32)-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2|tls-x509|tls-psk|vdi|vmdk|vhdx|luks)$/,
     );
   }
   for (const format of ["raw", "qcow2"]) {
@@ -343,13 +343,13 @@ Deno.test("SERVER_DEFS: proxies open the origin read-only; nbdkit has no qcow2 v
   const http = { socket: "/t/s.sock", image: "http://127.0.0.1:8/disk.qcow2" };
   const q = def("qemu-nbd").argv(nbd as ServeTarget);
   const tail = (id: string, t: ServeTarget) => def(id).argv(t).slice(-9);
-  const expected = ["-f", "raw", "-k", "/t/s.sock", "-t", "-e", "0", "-r", nbd.image];
+  const expected = ["-k", "/t/s.sock", "-t", "-e", "0", "-r", "-f", "raw", nbd.image];
   assert.deepEqual(q, ["qemu-nbd", ...expected]);
   assert.deepEqual(tail("denbd", nbd as ServeTarget), expected);
   assert.deepEqual(tail("nbdkit", nbd as ServeTarget).slice(-3), ["-r", "nbd", "socket=/t/o.sock"]);
   const qcow2: ServeTarget = { ...http, format: "http-qcow2" };
   for (const id of ["denbd", "qemu-nbd"]) {
-    assert.deepEqual(tail(id, qcow2), ["-f", "qcow2", ...expected.slice(2, -1), http.image]);
+    assert.deepEqual(tail(id, qcow2), [...expected.slice(0, -3), "-f", "qcow2", http.image]);
   }
   assert.deepEqual(tail("nbdkit", { ...http, format: "http-raw" }).slice(-3), [
     "-r",
@@ -360,6 +360,23 @@ Deno.test("SERVER_DEFS: proxies open the origin read-only; nbdkit has no qcow2 v
   // File formats keep their argv: no -r, qemu-nbd's cache and aio spelled out.
   const file = def("qemu-nbd").argv({ socket: "/s", image: "/i", format: "raw" });
   assert.ok(!file.includes("-r") && file.includes("--aio=threads"), file.join(" "));
+  // luks: the secret object and --image-opts on both, nbdkit's luks filter with the passphrase.
+  const luks: ServeTarget = { socket: "/s", image: "/i.luks", format: "luks" };
+  for (const id of ["denbd", "qemu-nbd"]) {
+    const argv = def(id).argv(luks);
+    assert.deepEqual(argv.slice(-4), [
+      "--object",
+      "secret,id=bench0,data=denbd-bench",
+      "--image-opts",
+      "driver=luks,key-secret=bench0,file.filename=/i.luks",
+    ]);
+  }
+  assert.deepEqual(def("nbdkit").argv(luks).slice(-4), [
+    "--filter=luks",
+    "file",
+    "/i.luks",
+    "passphrase=denbd-bench",
+  ]);
 });
 
 Deno.test("selectRows: --rows wins over --quick, in the given order; unknown ids throw", () => {
