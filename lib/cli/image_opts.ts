@@ -228,7 +228,6 @@ const NODE_DRIVERS: ReadonlySet<string> = new Set([
   "nbd",
   "http",
   "https",
-  "rbd",
   "compress",
   "copy-on-read",
 ]);
