@@ -28,6 +28,7 @@ import {
 } from "../types.ts";
 import { hasLuksMagic, LUKS_SECTOR } from "./header.ts";
 import { type LuksVolume, secretPassword, unlockLuks } from "./unlock.ts";
+import { Mutex } from "../qcow2/sync.ts";
 
 export { hasLuksMagic } from "./header.ts";
 
@@ -92,29 +93,13 @@ export async function openLuks(file: FileEngine, ctx: FormatContext): Promise<Lu
   }
 }
 
-/** A tiny FIFO lock (read-modify-write of partial sectors). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 export class LuksDevice implements BlockDevice {
   readonly size: number;
   readonly caps: Capabilities;
   readonly #file: FileEngine;
   readonly #volume: LuksVolume;
   readonly #payload: number;
-  readonly #rmw = new Lock();
+  readonly #rmw = new Mutex();
   #closed = false;
 
   constructor(file: FileEngine, volume: LuksVolume, size: number, writable: boolean) {

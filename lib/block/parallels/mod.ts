@@ -47,6 +47,7 @@ import {
   setInuse,
 } from "./header.ts";
 import { parseParallelsExtension } from "./extension.ts";
+import { Mutex } from "../qcow2/sync.ts";
 
 const SECTOR = 512;
 /** Largest BAT held in memory (16 Mi clusters: 16 TiB of 1 MiB clusters); qemu's limit (2 GiB) is not practical. */
@@ -194,22 +195,6 @@ async function readZeroPadded(file: FileEngine, buf: Uint8Array, at: number): Pr
   if (n < buf.length) buf.fill(0, n);
 }
 
-/** A tiny FIFO lock (allocation, file growth and BAT writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 export class ParallelsDevice implements BlockDevice {
   readonly size: number;
   readonly caps: Capabilities;
@@ -224,7 +209,7 @@ export class ParallelsDevice implements BlockDevice {
   /** End of the data in sectors: where the next cluster goes. */
   #dataEnd: number;
   #prealloc: { sectors: number; mode: PreallocMode };
-  readonly #alloc = new Lock();
+  readonly #alloc = new Mutex();
   #closed = false;
 
   constructor(

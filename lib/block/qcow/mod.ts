@@ -50,6 +50,8 @@ import {
   QCOW_HEADER_SIZE,
   type QcowHeader,
 } from "./header.ts";
+import { Mutex } from "../qcow2/sync.ts";
+import { backingDepth } from "../backing_depth.ts";
 
 const SECTOR = 512;
 /** Largest L1 table held in memory (8 Mi entries). */
@@ -57,7 +59,6 @@ const MAX_L1_BYTES = 64 * 1024 * 1024;
 /** L2 tables kept in memory (at most 64 KiB each). */
 const L2_CACHE_TABLES = 1024;
 const ZERO_CHUNK = 1024 * 1024;
-const DEPTH_BATCH = 256;
 const HOLE_ZERO = STATE_HOLE | STATE_ZERO;
 const TWO32 = 0x100000000;
 
@@ -175,22 +176,6 @@ async function openBackingFile(
   }
 }
 
-/** A tiny FIFO lock (allocation and table writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 /** What an L2 lookup found. */
 const enum Kind {
   Unalloc,
@@ -216,7 +201,7 @@ export class QcowDevice implements BlockDevice {
   /** The last decompressed cluster and the file offset of its compressed bytes. */
   #zOffset = -1;
   #zData: Uint8Array | undefined;
-  readonly #alloc = new Lock();
+  readonly #alloc = new Mutex();
   // The entry of the last #peek (no allocation per lookup).
   #hi = 0;
   #lo = 0;
@@ -538,38 +523,10 @@ export class QcowDevice implements BlockDevice {
       const r = await this.#run(pos, end);
       const before = out.total;
       if (r.allocated) out.add(r.n, 1);
-      else await this.#backingDepth(pos, r.n, out);
+      else await backingDepth(this.#backing, pos, r.n, out);
       if (out.total - before < r.n) return;
       pos += r.n;
     }
-  }
-
-  /** Depth below: the backing file's depths shifted by one (0 stays 0); past its end, 2. */
-  async #backingDepth(pos: number, n: number, out: ExtentList): Promise<void> {
-    const b = this.#backing;
-    if (b === undefined) {
-      out.add(n, 0);
-      return;
-    }
-    const inside = Math.max(0, Math.min(n, b.size - pos));
-    let done = 0;
-    if (inside > 0 && b.allocationDepth !== undefined) {
-      while (done < inside && !out.full) {
-        const tmp = new ExtentList(DEPTH_BATCH);
-        await b.allocationDepth(pos + done, inside - done, tmp);
-        if (tmp.total === 0) break;
-        const p = tmp.pairs;
-        for (let i = 0; i < p.length; i += 2) {
-          const d = p[i + 1]!;
-          if (!out.add(p[i]!, d === 0 ? 0 : d + 1)) return;
-        }
-        done += tmp.total;
-      }
-      if (done < inside) return;
-    } else if (inside > 0) {
-      if (!out.add(inside, 2)) return;
-    }
-    if (n > inside) out.add(n - inside, 2);
   }
 
   async close(): Promise<void> {

@@ -39,6 +39,7 @@ import { IoEpochs } from "./sync.ts";
 import { Qcow2Writer } from "./writer.ts";
 import { markBitmapsInUse, storeBitmaps } from "./bitmap.ts";
 import { CRYPT_SECTOR, type SectorCipher } from "../../crypto/cipher.ts";
+import { backingDepth } from "../backing_depth.ts";
 
 /** Everything the device needs, prepared by `openQcow2`. */
 export interface Qcow2DeviceInit {
@@ -673,42 +674,10 @@ export class Qcow2Device implements BlockDevice {
       const n = r.length;
       const before = out.total;
       if (r.kind !== Kind.Unalloc) out.add(n, 1);
-      else await this.#backingDepth(pos, n, out);
+      else await backingDepth(this.#backing, pos, n, out);
       if (out.total - before < n) return;
       pos += n;
     }
-  }
-
-  /**
-   * Depth below this layer: the backing file's depths shifted by one (0 stays 0); a backing file
-   * without a chain is allocated everywhere; past its end counts as allocated in it (qemu).
-   */
-  async #backingDepth(pos: number, n: number, out: ExtentList): Promise<void> {
-    const b = this.#backing;
-    if (b === undefined) {
-      out.add(n, 0);
-      return;
-    }
-    const inside = Math.max(0, Math.min(n, b.size - pos));
-    let done = 0;
-    if (inside > 0 && b.allocationDepth !== undefined) {
-      // Batches bound the temporary list; each batch advances by what it covered.
-      while (done < inside && !out.full) {
-        const tmp = new ExtentList(DEPTH_BATCH);
-        await b.allocationDepth(pos + done, inside - done, tmp);
-        if (tmp.total === 0) break;
-        const p = tmp.pairs;
-        for (let i = 0; i < p.length; i += 2) {
-          const d = p[i + 1]!;
-          if (!out.add(p[i]!, d === 0 ? 0 : d + 1)) return;
-        }
-        done += tmp.total;
-      }
-      if (done < inside) return;
-    } else if (inside > 0) {
-      if (!out.add(inside, 2)) return;
-    }
-    if (n > inside) out.add(n - inside, 2);
   }
 
   cache(_offset: number, _length: number): Promise<void> {

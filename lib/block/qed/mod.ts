@@ -63,6 +63,8 @@ import {
   qedProbe,
 } from "./header.ts";
 import { L2Cache, QED_ZERO_CLUSTER, QedTable } from "./table.ts";
+import { Mutex } from "../qcow2/sync.ts";
+import { backingDepth } from "../backing_depth.ts";
 
 export { qedProbe } from "./header.ts";
 
@@ -81,8 +83,6 @@ const L2_CACHE_BYTES = 64 * 1024 * 1024;
 const ZERO_CHUNK = 1024 * 1024;
 const SECTOR = 512;
 const HOLE_ZERO = STATE_HOLE | STATE_ZERO;
-/** Depth values collected from a backing file in one call. */
-const DEPTH_BATCH = 1 << 16;
 
 /** Longest backing chain accepted (qcow2/mod.ts has the same; not imported: it imports the registry). */
 const MAX_CHAIN_DEPTH = 256;
@@ -203,22 +203,6 @@ export async function openQed(file: FileEngine, ctx: FormatContext): Promise<Qed
   }
 }
 
-/** A tiny FIFO lock (allocation and metadata writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 /** What a lookup found for the start of a range. */
 const enum Kind {
   /** Data clusters in the image file. */
@@ -275,7 +259,7 @@ export class QedDevice implements BlockDevice {
   readonly #tableBytes: number;
   readonly #cache: L2Cache;
   readonly #loading = new Map<number, Promise<QedTable>>();
-  readonly #alloc = new Lock();
+  readonly #alloc = new Mutex();
   #closed = false;
 
   constructor(
@@ -748,41 +732,10 @@ export class QedDevice implements BlockDevice {
       const n = r.length;
       const before = out.total;
       if (r.kind === Kind.Data || r.kind === Kind.Zero) out.add(n, 1);
-      else await this.#backingDepth(pos, n, out);
+      else await backingDepth(this.backing, pos, n, out);
       if (out.total - before < n) return;
       pos += n;
     }
-  }
-
-  /**
-   * Depth below this image: the backing chain's depths + 1 (0 stays 0); a backing file without
-   * a chain is allocated everywhere; past its end counts as allocated in it (qemu).
-   */
-  async #backingDepth(pos: number, n: number, out: ExtentList): Promise<void> {
-    const b = this.backing;
-    if (b === undefined) {
-      out.add(n, 0);
-      return;
-    }
-    const inside = Math.max(0, Math.min(n, b.size - pos));
-    let done = 0;
-    if (inside > 0 && b.allocationDepth !== undefined) {
-      while (done < inside && !out.full) {
-        const tmp = new ExtentList(DEPTH_BATCH);
-        await b.allocationDepth(pos + done, inside - done, tmp);
-        if (tmp.total === 0) break;
-        const p = tmp.pairs;
-        for (let i = 0; i < p.length; i += 2) {
-          const d = p[i + 1]!;
-          if (!out.add(p[i]!, d === 0 ? 0 : d + 1)) return;
-        }
-        done += tmp.total;
-      }
-      if (done < inside) return;
-    } else if (inside > 0) {
-      if (!out.add(inside, 2)) return;
-    }
-    if (n > inside) out.add(n - inside, 2);
   }
 
   /** qemu's close: flush, then a clean header (need-check cleared). */

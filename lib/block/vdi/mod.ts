@@ -40,6 +40,7 @@ import {
   VDI_TYPE_STATIC,
   type VdiHeader,
 } from "./header.ts";
+import { Mutex } from "../qcow2/sync.ts";
 
 export { hasVdiSignature } from "./header.ts";
 
@@ -98,22 +99,6 @@ export async function openVdi(file: FileEngine, options: VdiOpenOptions): Promis
   }
 }
 
-/** A tiny FIFO lock (allocation and metadata writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 export class VdiDevice implements BlockDevice {
   readonly size: number;
   readonly caps: Capabilities;
@@ -122,7 +107,7 @@ export class VdiDevice implements BlockDevice {
   readonly #map: VdiBlockMap;
   readonly #blockSize: number;
   readonly #static: boolean;
-  readonly #alloc = new Lock();
+  readonly #alloc = new Mutex();
   readonly #zeroCopy: boolean;
 
   constructor(file: FileEngine, header: VdiHeader, map: VdiBlockMap, options: VdiOpenOptions) {

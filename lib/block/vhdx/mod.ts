@@ -77,6 +77,7 @@ import {
   VIRTUAL_DISK_SIZE_GUID,
 } from "./layout.ts";
 import { VhdxLog } from "./log.ts";
+import { Mutex } from "../qcow2/sync.ts";
 
 /** The vhdx entry of the format registry (lib/block/formats.ts). */
 export const vhdxFormat: FormatDriver = {
@@ -356,22 +357,6 @@ async function readLayout(file: FileEngine, options: VhdxOpenOptions): Promise<V
   };
 }
 
-/** A tiny FIFO lock (allocation and header writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 /** Whether a BAT state reads as zeroes (and is allocated on write). */
 function readsZero(state: number): boolean {
   return state === PAYLOAD_BLOCK_NOT_PRESENT || state === PAYLOAD_BLOCK_UNDEFINED ||
@@ -390,7 +375,7 @@ export class VhdxDevice implements BlockDevice {
   readonly #blockSize: number;
   readonly #chunkRatio: number;
   readonly #hasParent: boolean;
-  readonly #lock = new Lock();
+  readonly #lock = new Mutex();
   /** The first visible write's header update, once started. */
   #visible: Promise<void> | undefined;
   /** The header update is on disk: plain writes may bypass the driver (writeRange). */

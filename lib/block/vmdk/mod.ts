@@ -65,6 +65,8 @@ import {
   type Vmdk4Header,
   withCid,
 } from "./header.ts";
+import { Mutex } from "../qcow2/sync.ts";
+import { backingDepth } from "../backing_depth.ts";
 
 /** The vmdk entry of the format registry (lib/block/formats.ts). */
 export const vmdkFormat: FormatDriver = {
@@ -78,28 +80,10 @@ const L2_CACHE_BYTES = 64 * 1024 * 1024;
 const ZERO_CHUNK = 1024 * 1024;
 /** Descriptors naming sparse extents that are descriptors again: how deep denbd follows. */
 const MAX_NESTING = 4;
-/** Allocation-depth batches taken from the backing file at a time. */
-const DEPTH_BATCH = 1024;
 
 /** Unallocated, zeroed or at a file offset: what a grain lookup returns. */
 const UNALLOC = -2;
 const ZEROED = -3;
-
-/** A tiny FIFO lock (allocation and metadata writes). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
 
 async function readPadded(file: FileEngine, buf: Uint8Array, offset: number): Promise<void> {
   const n = offset < 0 ? 0 : await file.pread(buf, offset);
@@ -508,7 +492,7 @@ export class VmdkDevice implements BlockDevice {
   readonly #backing: BlockDevice | undefined;
   readonly #descOffset: number;
   readonly #parentOk: boolean;
-  readonly #lock = new Lock();
+  readonly #lock = new Mutex();
   #cid: number;
   #cidUpdated = false;
 
@@ -974,38 +958,10 @@ export class VmdkDevice implements BlockDevice {
         unalloc = w.at === UNALLOC;
       }
       if (!unalloc) out.add(n, 1);
-      else await this.#backingDepth(pos, n, out);
+      else await backingDepth(this.#backing, pos, n, out);
       if (out.total - before < n) return;
       pos += n;
     }
-  }
-
-  /** The parent's depths shifted by one (0 stays 0); past its end counts as in it (qemu). */
-  async #backingDepth(pos: number, n: number, out: ExtentList): Promise<void> {
-    const b = this.#backing;
-    if (b === undefined) {
-      out.add(n, 0);
-      return;
-    }
-    const inside = Math.max(0, Math.min(n, b.size - pos));
-    let done = 0;
-    if (inside > 0 && b.allocationDepth !== undefined) {
-      while (done < inside && !out.full) {
-        const tmp = new ExtentList(DEPTH_BATCH);
-        await b.allocationDepth(pos + done, inside - done, tmp);
-        if (tmp.total === 0) break;
-        const p = tmp.pairs;
-        for (let i = 0; i < p.length; i += 2) {
-          const d = p[i + 1]!;
-          if (!out.add(p[i]!, d === 0 ? 0 : d + 1)) return;
-        }
-        done += tmp.total;
-      }
-      if (done < inside) return;
-    } else if (inside > 0) {
-      if (!out.add(inside, 2)) return;
-    }
-    if (n > inside) out.add(n - inside, 2);
   }
 
   async close(): Promise<void> {

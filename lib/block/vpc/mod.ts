@@ -51,6 +51,7 @@ import {
   VHD_FOOTER_SIZE,
   type VhdFooter,
 } from "./footer.ts";
+import { Mutex } from "../qcow2/sync.ts";
 
 const SECTOR = 512;
 /** Zero bytes written per step when zeroing. */
@@ -297,22 +298,6 @@ export class VpcFixedDevice implements BlockDevice {
   }
 }
 
-/** A tiny FIFO lock (allocations). */
-class Lock {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => release = r);
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
 export interface DynamicLayout {
   readonly size: number;
   /** The footer as read at offset 0: what goes to the end of the file after an allocation. */
@@ -336,7 +321,7 @@ export class VpcDynamicDevice implements BlockDevice {
   readonly #bs: number;
   /** Blocks whose bitmap this process has set to all ones (1 per block). */
   readonly #bitmapSet: Uint8Array;
-  readonly #alloc = new Lock();
+  readonly #alloc = new Mutex();
   readonly #zeroCopy: boolean;
   #free: number;
 
