@@ -107,21 +107,21 @@ admin socket =
 `;
 }
 
-function alive(pid: number): boolean {
-  try {
-    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    return state !== "Z" && state !== "";
-  } catch {
-    return false;
-  }
-}
-
 async function retry(what: string, fn: () => Promise<boolean>, ms = MS_PER_WAIT): Promise<void> {
   const end = Date.now() + ms;
+  let last = "";
   for (;;) {
-    if (await fn().catch(() => false)) return;
-    if (Date.now() > end) throw new Error(`ceph: ${what} did not happen within ${ms} ms`);
+    try {
+      if (await fn()) return;
+      last = "";
+    } catch (e) {
+      last = (e as Error).message;
+    }
+    if (Date.now() > end) {
+      throw new Error(
+        `ceph: ${what} did not happen within ${ms} ms${last ? ` (last: ${last})` : ""}`,
+      );
+    }
     await new Promise((r) => setTimeout(r, 200));
   }
 }
@@ -155,7 +155,10 @@ export async function startCeph(): Promise<Ceph> {
     }).spawn();
     pids.push(child.pid);
     children.push(child);
-    return child.pid;
+    // Known through the status promise: /proc/PID needs --allow-all, which the suite lacks.
+    const d = { pid: child.pid, exited: false };
+    child.status.then(() => d.exited = true, () => d.exited = true);
+    return d;
   };
   const stop = async () => {
     for (const pid of [...pids].reverse()) {
@@ -201,18 +204,20 @@ export async function startCeph(): Promise<Ceph> {
       "--keyring",
       `${dir}/keyring`,
     ]);
-    const monPid = daemon([CEPH_MON, "-c", confPath, "-i", "a", "-f"]);
+    const mon = daemon([CEPH_MON, "-c", confPath, "-i", "a", "-f"]);
     await retry("mon up", async () => {
-      if (!alive(monPid)) throw new Error("ceph-mon exited");
-      return (await run(["ceph", ...q, "-s"], { env, timeoutMs: 10_000 })).code === 0;
+      if (mon.exited) throw new Error("ceph-mon exited");
+      const r = await run(["ceph", ...q, "-s"], { env, timeoutMs: 10_000 });
+      if (r.code !== 0) throw new Error(`ceph -s exited ${r.code}: ${r.stderr.trim()}`);
+      return true;
     });
     const uuid = crypto.randomUUID();
     const id = (await must(["ceph", ...q, "osd", "new", uuid])).stdout.trim();
     if (id !== "0") throw new Error(`unexpected osd id ${id}`);
     await must([CEPH_OSD, "-c", confPath, "-i", "0", "--mkfs", "--osd-uuid", uuid], 60_000);
-    const osdPid = daemon([CEPH_OSD, "-c", confPath, "-i", "0", "-f"]);
+    const osd = daemon([CEPH_OSD, "-c", confPath, "-i", "0", "-f"]);
     await retry("osd up and in", async () => {
-      if (!alive(osdPid)) throw new Error("ceph-osd exited");
+      if (osd.exited) throw new Error("ceph-osd exited");
       const r = await run(["ceph", ...q, "osd", "stat", "-f", "json"], { env, timeoutMs: 10_000 });
       return /"num_up_osds":1,.*"num_in_osds":1,/.test(r.stdout);
     });
@@ -228,7 +233,7 @@ export async function startCeph(): Promise<Ceph> {
     });
     const rbd = (...args: string[]) => must(["rbd", "-c", confPath, ...args], 60_000);
     const ceph = (...args: string[]) => must(["ceph", ...q, ...args]);
-    return { dir, conf: confPath, monPid, osdPid, rbd, ceph, stop };
+    return { dir, conf: confPath, monPid: mon.pid, osdPid: osd.pid, rbd, ceph, stop };
   } catch (e) {
     let logs = "";
     for (const n of ["mon.a", "osd.0"]) {
