@@ -31,6 +31,8 @@ import { openNbdProtocol } from "./protocols/nbd.ts";
 import { parseNbdFilename } from "./protocols/nbd_filename.ts";
 import { openHttpProtocol } from "./protocols/http.ts";
 import { parseHttpFilename } from "./protocols/http_filename.ts";
+import { openRbdProtocol } from "./protocols/rbd.ts";
+import { parseRbdFilename } from "./protocols/rbd_filename.ts";
 import { CompressFilter } from "./filters/compress.ts";
 import { CopyOnReadFilter } from "./filters/copy_on_read.ts";
 import { type BackingChain, openQcow2, SnapshotLoadError } from "./qcow2/mod.ts";
@@ -85,6 +87,7 @@ const PROTOCOLS: ReadonlySet<string> = new Set([
   "nbd",
   "http",
   "https",
+  "rbd",
 ]);
 /** qemu's `file` driver options that denbd does not act on yet: refused, never ignored. */
 const FILE_OPTIONS_NOT_YET = [
@@ -373,6 +376,19 @@ async function openProtocol(opts: NodeOptions, ctx: NodeContext): Promise<Protoc
         driver,
       });
       return { kind: "device", dev, name: filename ?? own["url"] ?? driver };
+    }
+    case "rbd": {
+      const own = { ...opts };
+      delete own["driver"];
+      delete own["filename"];
+      // qemu's bdrv_parse_filename: what the filename says overrides the other options.
+      const fromName = filename === undefined ? {} : parseRbdFilename(filename);
+      const dev = await openRbdProtocol({ ...own, ...fromName }, {
+        writable: ctx.writable,
+        warn: ctx.warn,
+        noCache: ctx.engine.direct === true,
+      });
+      return { kind: "device", dev, name: filename ?? `rbd:${own["pool"]}/${own["image"]}` };
     }
     default:
       throw new BlockError(

@@ -228,6 +228,7 @@ const NODE_DRIVERS: ReadonlySet<string> = new Set([
   "nbd",
   "http",
   "https",
+  "rbd",
   "compress",
   "copy-on-read",
 ]);
