@@ -223,7 +223,11 @@ async function startInstance(
   files: Files,
   origin?: Origin,
 ): Promise<ServerHandle> {
-  const image = origin?.url ?? `${o.dir}/${def.id}.${format}`;
+  const image = origin === undefined
+    ? `${o.dir}/${def.id}.${format}`
+    : origin.privateImage && !def.unavailable?.()
+    ? await origin.privateImage(def.id)
+    : origin.url;
   if (!origin && !def.unavailable?.()) {
     await prepareImage(files.master, image, format);
     if (!FORMAT_INFO[format].freshPerRun) await warmPageCache(image);
@@ -424,7 +428,7 @@ async function main(args: string[]): Promise<number> {
       "after it; the largest run is shown.",
       "Clients share the host's CPUs with the server, so figures are relative, not absolute.",
       ...(results.origins.length === 0 ? [] : [
-        "Remote rows (via NBD / via HTTP): one origin per format serves every server, which " +
+        "Remote rows via NBD or HTTP: one origin per format serves every server, which " +
         "re-exports it with `-r` (denbd and qemu-nbd: the URI or URL as FILE; nbdkit: " +
         "`nbdkit -r nbd socket=ORIGIN` or `nbdkit -r curl URL`); CPU and RSS are the proxy's " +
         "alone. nbdkit 1.32 has no qcow2 reader, so its qcow2-via-HTTP cell is n/a (—).",

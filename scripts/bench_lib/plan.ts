@@ -28,6 +28,8 @@ const PREPARE_SECONDS_PER_GIB: Readonly<Record<ImageFormat, number>> = {
   vmdk: 3,
   vhdx: 3,
   luks: 6,
+  // Starting the Ceph cluster, then an rbd import per server.
+  rbd: 8,
 };
 /** Seconds to start a server and wait for its socket, and to stop it. */
 const SERVER_CYCLE_SECONDS = 2;

@@ -283,4 +283,9 @@ export const ROW_DEFS: readonly RowDef[] = [
   ]),
   nbdcopyRow({ direction: "read", connections: 4, format: "luks" }),
   fioRow({ rw: "randread", format: "luks" }),
+  // Ceph RBD (issue 14): each server's own image on a local one-OSD cluster, through librbd.
+  ...[1, 4].map((c) => nbdcopyRow({ direction: "read", connections: c, format: "rbd" })),
+  ...[1, 4].map((c) => nbdcopyRow({ direction: "write", connections: c, format: "rbd" })),
+  fioRow({ rw: "randread", format: "rbd" }),
+  fioRow({ rw: "randwrite", format: "rbd" }),
 ];

@@ -31,12 +31,13 @@ const FILE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "qcow2-compressed"
 const OTHER_FORMATS: readonly ImageFormat[] = ["vdi", "vmdk", "vhdx", "luks"];
 /** Raw served over TLS (x509, PSK). */
 const TLS_FORMATS: readonly ImageFormat[] = ["tls-x509", "tls-psk"];
-/** Remote formats (an origin re-exported read-only). */
-const REMOTE_FORMATS: readonly ImageFormat[] = ["nbd-raw", "http-raw", "http-qcow2"];
+/** Remote formats (an origin re-exported read-only, or a private rbd image). */
+const REMOTE_FORMATS: readonly ImageFormat[] = ["nbd-raw", "http-raw", "http-qcow2", "rbd"];
 
-/** `-r` for a remote format: the proxies only read, and the origin is read-only anyway. */
+/** `-r` for NBD and HTTP origins: the proxies only read, and the origin is read-only anyway. */
 function readOnlyFor(t: ServeTarget): string[] {
-  return FORMAT_INFO[t.format].remote ? ["-r"] : [];
+  const remote = FORMAT_INFO[t.format].remote;
+  return remote === "nbd" || remote === "http" ? ["-r"] : [];
 }
 
 /**

@@ -25,6 +25,10 @@ import type { BenchCredentials } from "./tls.ts";
  * block holds data: `vdi`, `vmdk` (monolithicSparse), `vhdx` (dynamic), and `luks` (LUKS1,
  * aes-256-xts-plain64, opened with the secret {@link LUKS_SECRET} through `--image-opts`).
  *
+ * `rbd` is a Ceph cluster the benchmark starts (tests/interop/_ceph.ts: one monitor, one memstore
+ * OSD on loopback) holding one copy of the master per server (`rbd import`), served as
+ * `-f raw rbd:rbd/SERVER:conf=...`, read and written.
+ *
  * TLS formats are a private raw copy served over TLS (see tls.ts), the clients connecting with
  * `nbds+unix://`: `tls-x509` (certificates, the client's verified) and `tls-psk` (a pre-shared key).
  */
@@ -41,13 +45,14 @@ export type ImageFormat =
   | "vdi"
   | "vmdk"
   | "vhdx"
-  | "luks";
+  | "luks"
+  | "rbd";
 
 /** The passphrase of the benchmark's LUKS image. */
 export const LUKS_SECRET = "denbd-bench";
 
-/** Where a remote format's origin is: an NBD server or an HTTP server. */
-export type RemoteKind = "nbd" | "http";
+/** Where a remote format's origin is: an NBD server, an HTTP server, or a Ceph cluster. */
+export type RemoteKind = "nbd" | "http" | "rbd";
 
 /** How a TLS format authenticates. */
 export type TlsMode = "x509" | "psk";
@@ -79,6 +84,7 @@ export const FORMAT_INFO: Readonly<Record<ImageFormat, FormatInfo>> = {
   vmdk: { label: "vmdk (allocated)", freshPerRun: false },
   vhdx: { label: "vhdx (allocated)", freshPerRun: false },
   luks: { label: "luks (aes-xts)", freshPerRun: false },
+  rbd: { label: "rbd (1 memstore OSD)", freshPerRun: false, remote: "rbd" },
 };
 
 /** The `-f` driver name that serves an image format. */
@@ -86,7 +92,7 @@ export function driverOf(format: ImageFormat): string {
   if (format === "vdi" || format === "vmdk" || format === "vhdx" || format === "luks") {
     return format;
   }
-  return format === "raw" || format === "nbd-raw" || format === "http-raw" ||
+  return format === "raw" || format === "nbd-raw" || format === "http-raw" || format === "rbd" ||
       FORMAT_INFO[format].tls !== undefined
     ? "raw"
     : "qcow2";
@@ -114,7 +120,8 @@ export interface ServeTarget {
   readonly socket: string;
   /**
    * Image file, private to this server instance; for a remote format, the origin's URI or URL
-   * (`nbd+unix:///?socket=PATH`, `http://127.0.0.1:PORT/disk.img`), shared by all servers.
+   * (`nbd+unix:///?socket=PATH`, `http://127.0.0.1:PORT/disk.img`), shared by all servers;
+   * for rbd, the server's own image in the cluster (`rbd:rbd/ID:conf=PATH`).
    */
   readonly image: string;
   /** Format of `image`. */

@@ -55,7 +55,7 @@ export interface Ceph {
 
 const MS_PER_WAIT = 60_000;
 
-function conf(dir: string, fsid: string, p2: number, p1: number): string {
+function conf(dir: string, fsid: string, p2: number, p1: number, memstoreBytes: number): string {
   return `[global]
 fsid = ${fsid}
 mon host = [v2:127.0.0.1:${p2},v1:127.0.0.1:${p1}]
@@ -79,7 +79,7 @@ crash dir = ${dir}/crash
 mon data = ${dir}/$name
 osd data = ${dir}/$name
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = ${memstoreBytes}
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8
@@ -126,8 +126,14 @@ async function retry(what: string, fn: () => Promise<boolean>, ms = MS_PER_WAIT)
   }
 }
 
+/** Options of {@linkcode startCeph}. */
+export interface CephOptions {
+  /** The memstore OSD's capacity, held in RAM (default 1 GiB). */
+  readonly memstoreBytes?: number;
+}
+
 /** Starts a cluster in a fresh temp dir (about 2 s on an idle machine). */
-export async function startCeph(): Promise<Ceph> {
+export async function startCeph(options: CephOptions = {}): Promise<Ceph> {
   const dir = await Deno.makeTempDir({ prefix: "denbd-ceph-" });
   for (const d of ["run", "log", "mon.a", "osd.0", "crash"]) await Deno.mkdir(`${dir}/${d}`);
   const p2 = freePort();
@@ -135,7 +141,7 @@ export async function startCeph(): Promise<Ceph> {
   while (p1 === p2) p1 = freePort();
   const fsid = crypto.randomUUID();
   const confPath = `${dir}/ceph.conf`;
-  await Deno.writeTextFile(confPath, conf(dir, fsid, p2, p1));
+  await Deno.writeTextFile(confPath, conf(dir, fsid, p2, p1, options.memstoreBytes ?? 2 ** 30));
   const env = { CEPH_CONF: confPath };
   const pids: number[] = [];
   const children: Deno.ChildProcess[] = [];
