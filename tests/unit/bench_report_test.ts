@@ -299,7 +299,7 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
   for (const id of ids) {
     assert.match(
       id,
-      /^(seq-(read|write)-nbdcopy-c[124]|(fio-rand(read|write)-4k-qd(1|32)-j[14])|libnbd-randread-4k-qd32)-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2|tls-x509|tls-psk|vdi|vmdk|vhdx|luks)$/,
+      /^(seq-(read|write)-nbdcopy-c[124]|(fio-rand(read|write)-4k-qd(1|32)-j[14])|libnbd-randread-4k-qd32)-(raw|qcow2|qcow2-empty|qcow2-compressed|nbd-raw|http-raw|http-qcow2|tls-x509|tls-psk|vdi|vmdk|vhdx|luks|rbd)$/,
     );
   }
   for (const format of ["raw", "qcow2"]) {
@@ -323,6 +323,17 @@ Deno.test("ROW_DEFS: unique systematic ids, the issue 4 and 5 matrix, a small qu
       "seq-read-nbdcopy-c1-http-qcow2",
     ]
   ) assert.ok(ids.includes(id), id);
+  // rbd rows (issue 14): random reads and writes, sequential both ways over 1 and 4 connections.
+  for (
+    const id of [
+      "fio-randread-4k-qd32-j1",
+      "fio-randwrite-4k-qd32-j1",
+      "seq-read-nbdcopy-c1",
+      "seq-read-nbdcopy-c4",
+      "seq-write-nbdcopy-c1",
+      "seq-write-nbdcopy-c4",
+    ]
+  ) assert.ok(ids.includes(`${id}-rbd`), `${id}-rbd`);
   // TLS rows (issue 11): sequential and random reads, x509 and PSK.
   for (const tls of ["tls-x509", "tls-psk"]) {
     for (const id of ["seq-read-nbdcopy-c1", "seq-read-nbdcopy-c4", "libnbd-randread-4k-qd32"]) {
